@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models load in well under a second; SmolLM2 tests are marked slow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from drrl_env.lm.models import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from drrl_env.lm.models import load_model
+
+    return load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from drrl_env.lm.models import load_model
+
+    return load_model("smollm2-135m")
