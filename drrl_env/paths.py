@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """The cache root: ``$DRRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/drrl-gym``, else ``~/.cache/drrl-gym``."""
+    """The cache root: ``$DRRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/drrl-gym`` or ``~/.cache``."""
     explicit = os.environ.get("DRRL_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()

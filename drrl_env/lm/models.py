@@ -113,12 +113,12 @@ def tiny_config(name: str) -> LlamaConfig | GPT2Config:
     if name == "tiny-llama":
         return LlamaConfig(
             vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=256,
+            intermediate_size=512,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=16,
+            head_dim=64,
             max_position_embeddings=2048,
             tie_word_embeddings=True,
         )
@@ -135,12 +135,33 @@ def tiny_config(name: str) -> LlamaConfig | GPT2Config:
     raise ValueError(f"model={name!r} is not a tiny model; tiny models are {TINY_MODELS}")
 
 
+# Query/key weight scale per layer of the tiny models: a randomly initialised model attends
+# almost uniformly everywhere; scaling makes some layers sharp and others diffuse, so that
+# (as in pretrained models) the rank a layer tolerates differs from layer to layer.
+TINY_QK_SCALES = (1.0, 4.0, 2.0, 6.0)
+
+
+def _sharpen_attention(model: PreTrainedModel) -> None:
+    from drrl_env.lm.attention import attention_modules
+
+    with torch.no_grad():
+        for module in attention_modules(model):
+            scale = TINY_QK_SCALES[module.layer_idx % len(TINY_QK_SCALES)]
+            if hasattr(module, "q_proj"):
+                module.q_proj.weight.mul_(scale)
+                module.k_proj.weight.mul_(scale)
+            else:  # GPT-2: fused c_attn, columns [q | k | v]
+                width = module.c_attn.weight.shape[1] // 3
+                module.c_attn.weight[:, : 2 * width].mul_(scale)
+
+
 def _load_tiny(name: str, attn_implementation: str, seed: int) -> LoadedModel:
     config = tiny_config(name)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        _sharpen_attention(model)
     finally:
         torch.random.set_rng_state(generator_state)
     return LoadedModel(name, model, ByteTokenizer())
@@ -211,9 +232,9 @@ def _load_pretrained(name: str, attn_implementation: str) -> LoadedModel:
         if not hub_reachable():
             raise ModelNotAvailableError(
                 f"model={name!r} is neither a local folder nor in the Hugging Face cache, and "
-                f"the hub is unreachable. Use model={EMBEDDED_MODEL!r} (embedded), one of {TINY_MODELS}, "
-                "a local folder saved with save_pretrained, or download it first on a machine with "
-                "network access (huggingface-cli download NAME)."
+                f"the hub is unreachable. Use model={EMBEDDED_MODEL!r} (embedded), one of "
+                f"{TINY_MODELS}, a local folder saved with save_pretrained, or download it first "
+                "on a machine with network access (huggingface-cli download NAME)."
             ) from None
         config = AutoConfig.from_pretrained(source)
         local_only = False
