@@ -186,8 +186,11 @@ def test_greedy_policy_is_neither_full_rank_nor_static(tiny_env):
 
 
 def test_replay_reproduces_rewards_and_perplexity(tiny_live):
-    schedule = np.array([[64, 32, 16, 8]] * 4)
+    trace = rollout(tiny_live, [7, 4, 2, 0] * 4, window=2)
+    schedule = np.array(trace[-1][4]["episode_summary"]["ranks"])
+    assert len(set(schedule.flatten())) > 1
     first = replay(tiny_live, 2, schedule)
+    assert first.rewards.tolist() == [step[1] for step in trace[1:]]
     again = validate(tiny_live, 2, schedule, rewards=first.rewards, perplexity=first.perplexity)
     np.testing.assert_array_equal(again.rewards, first.rewards)
     with pytest.raises(ReplayMismatch, match="perplexity"):

@@ -35,6 +35,13 @@ ATTENTION_NAME = "drrl"
 INPUT_STAT_NAMES = ("input_rms", "consecutive_cosine", "norm_spread")
 
 
+def check_rank(rank: int, head_dim: int) -> int:
+    """``rank`` as int, or ValueError unless it is an integer in 1..head_dim."""
+    if isinstance(rank, bool) or not 1 <= int(rank) <= head_dim or int(rank) != rank:
+        raise ValueError(f"rank={rank!r} must be an integer in 1..{head_dim}")
+    return int(rank)
+
+
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hkv, N, d) -> (B, Hkv * groups, N, d), each kv head repeated for its query heads."""
     if groups == 1:
@@ -223,6 +230,13 @@ class RankController:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         if self.method == "calibrated" and self.basis is None:
             raise ValueError("method='calibrated' needs basis= (see drrl_env.lm.calibration)")
+        if self.method == "calibrated":
+            shape = tuple(self.basis.shape)
+            if len(shape) != 4 or shape[0] != self.n_layers or shape[2:] != (self.head_dim,) * 2:
+                raise ValueError(
+                    f"basis has shape {shape}, expected (layers, heads, d, d) with "
+                    f"layers={self.n_layers}, d={self.head_dim}: a basis of another model?"
+                )
         for rank in self._rank_list() + list(self.sweep_ranks or []):
             self.check_rank(rank)
         self._states = [_LayerState() for _ in range(self.n_layers)]
@@ -231,25 +245,23 @@ class RankController:
     def _rank_list(self) -> list[int]:
         if self.ranks is None:
             return []
-        if isinstance(self.ranks, int):
+        if np.ndim(self.ranks) == 0:
             return [self.ranks]
         if len(self.ranks) != self.n_layers:
             raise ValueError(
                 f"ranks has {len(self.ranks)} entries, the model {self.n_layers} layers"
             )
-        return [int(r) for r in self.ranks]
+        return list(self.ranks)  # not int(r): 2.5 must fail the rank check, not become 2
 
     def check_rank(self, rank: int) -> int:
         """``rank`` as int, or ValueError unless it is in 1..head_dim."""
-        if isinstance(rank, bool) or not 1 <= int(rank) <= self.head_dim or int(rank) != rank:
-            raise ValueError(f"rank={rank!r} must be an integer in 1..{self.head_dim}")
-        return int(rank)
+        return check_rank(rank, self.head_dim)
 
     def rank_of_layer(self, layer: int) -> int:
         """The fixed rank of ``layer`` (full rank when no ranks are set)."""
         if self.ranks is None:
             return self.head_dim
-        return self.ranks if isinstance(self.ranks, int) else int(self.ranks[layer])
+        return int(self.ranks) if np.ndim(self.ranks) == 0 else int(self.ranks[layer])
 
     # -- attaching -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from greenlet import GreenletExit, greenlet
 
-from drrl_env.lm.attention import LayerRecord, LayerRequest, RankController
+from drrl_env.lm.attention import LayerRecord, LayerRequest, RankController, check_rank
 from drrl_env.lm.models import LoadedModel
 
 Schedule = int | np.ndarray | Sequence[Sequence[int]] | Callable[[int, LayerRequest], int] | None
@@ -79,15 +79,79 @@ def _schedule_function(schedule: Schedule, n_segments: int, n_layers: int):
     """Normalise a schedule to ``f(segment, request) -> rank`` (None: full rank)."""
     if schedule is None or callable(schedule):
         return schedule
-    if isinstance(schedule, int | np.integer):
-        return lambda segment, request: int(schedule)
-    table = np.asarray(schedule)
+    try:
+        table = np.asarray(schedule)
+    except ValueError:  # ragged nested sequences
+        raise ValueError(
+            f"schedule has shape (ragged), expected (segments, layers) = ({n_segments}, {n_layers})"
+        ) from None
+    if table.ndim == 0:
+        return lambda segment, request: schedule  # checked as a rank by the controller
     if table.shape != (n_segments, n_layers):
         raise ValueError(
             f"schedule has shape {table.shape}, expected (segments, layers) = "
             f"({n_segments}, {n_layers})"
         )
-    return lambda segment, request: int(table[segment, request.layer])
+    # .item(): a float entry such as 2.5 reaches the rank check instead of being truncated.
+    return lambda segment, request: table[segment, request.layer].item()
+
+
+def check_basis_shape(basis: torch.Tensor, lm: LoadedModel) -> None:
+    """ValueError unless ``basis`` has the shape (layers, heads, d, d) of ``lm``."""
+    expected = (lm.n_layers, lm.n_heads, lm.head_dim, lm.head_dim)
+    if tuple(basis.shape) != expected:
+        raise ValueError(
+            f"basis has shape {tuple(basis.shape)}, but {lm.name} needs (layers, heads, d, d) "
+            f"= {expected}: a basis calibrated for another model?"
+        )
+
+
+def _check_segment_length(segment_length: int) -> int:
+    """``segment_length`` as int, or ValueError unless it is a positive integer."""
+    if (
+        isinstance(segment_length, bool)
+        or not isinstance(segment_length, int | np.integer)
+        or segment_length < 1
+    ):
+        raise ValueError(f"segment_length must be a positive int, got {segment_length!r}")
+    return int(segment_length)
+
+
+def forward_segments(
+    lm: LoadedModel,
+    tokens,
+    segment_length: int,
+    controller: RankController,
+    on_segment: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
+    """Feed a window segment by segment over the KV cache with ``controller`` attached.
+
+    Args:
+        lm: A model from :func:`drrl_env.lm.models.load_model`.
+        tokens: 1-D token ids of the window (at most the model's context).
+        segment_length: Tokens per segment (the last segment may be shorter).
+        controller: Attached for the window and detached afterwards, even on error.
+        on_segment: Called with the segment index before each segment runs.
+
+    Returns:
+        The summed negative log-likelihood of the predicted tokens and their number.
+    """
+    ids = _as_token_tensor(tokens, lm)
+    bounds = segment_bounds(ids.numel(), _check_segment_length(segment_length))
+    controller.attach(lm.model)
+    nll_sum, cache = 0.0, None
+    try:
+        for segment, (start, stop) in enumerate(bounds):
+            if on_segment is not None:
+                on_segment(segment)
+            out = lm.model(input_ids=ids[None, start:stop], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            targets = ids[start + 1 : stop + 1]
+            logits = out.logits[0, : targets.numel()].float()
+            nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+    finally:
+        controller.detach(lm.model)
+    return nll_sum, ids.numel() - 1
 
 
 def run_window(
@@ -117,30 +181,29 @@ def run_window(
         A :class:`WindowResult`.
     """
     ids = _as_token_tensor(tokens, lm)
-    if not isinstance(segment_length, int) or segment_length < 1:
-        raise ValueError(f"segment_length must be a positive int, got {segment_length!r}")
+    segment_length = _check_segment_length(segment_length)
     bounds = segment_bounds(ids.numel(), segment_length)
     choose = _schedule_function(schedule, len(bounds), lm.n_layers)
-    segment = 0
+    if method == "calibrated" and basis is not None:
+        check_basis_shape(basis, lm)
+    current = [0]  # the segment being run, read by decide
+
+    def decide(request: LayerRequest) -> int:
+        return choose(current[0], request)
+
+    def on_segment(segment: int) -> None:
+        current[0] = segment
+
     controller = RankController(
         lm.n_layers,
         lm.head_dim,
         method=method,
-        decide=(lambda request: choose(segment, request)) if choose else None,
+        decide=decide if choose else None,
         sweep_ranks=sweep_ranks,
         basis=basis,
         on_record=on_record,
-    ).attach(lm.model)
-    nll_sum, cache = 0.0, None
-    try:
-        for segment, (start, stop) in enumerate(bounds):  # noqa: B007 (read by decide)
-            out = lm.model(input_ids=ids[None, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            targets = ids[start + 1 : stop + 1]
-            logits = out.logits[0, : targets.numel()].float()
-            nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-    finally:
-        controller.detach(lm.model)
+    )
+    nll_sum, n_predicted = forward_segments(lm, ids, segment_length, controller, on_segment)
     return _collect(
         controller.records,
         method,
@@ -148,7 +211,7 @@ def run_window(
         len(bounds),
         lm.n_layers,
         nll_sum,
-        ids.numel() - 1,
+        n_predicted,
     )
 
 
@@ -238,6 +301,7 @@ class LiveWindow:
         """Execute the pending layer at ``rank``; return its record and the next request."""
         if self._worker is None or self._worker.dead:
             raise RuntimeError("LiveWindow.step called before start() or after the window ended")
+        rank = check_rank(rank, self._args[0].head_dim)  # a bad rank leaves the window running
         request = self._advance(rank)
         return self._records[-1], request
 
