@@ -109,15 +109,17 @@ def calibrated_basis(config: EnvConfig, lm):
     from drrl_env.lm.calibration import calibrate_basis, load_basis, save_basis
 
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    key = {k: getattr(config, k) for k in ("model", "corpus", "seq_len", "segment_length")}
-    key["source"] = data_source(config)
+    n_calibration = min(config.max_windows or 8, 8)
+    fields = ("model", "corpus", "seq_len", "segment_length", "eval_fraction")
+    key = {name: getattr(config, name) for name in fields}
+    key["source"], key["n_calibration"] = data_source(config), n_calibration
     path = root / "bases" / f"{_slug(config.model)}-{_digest(key)}.pt"
     if path.is_file():
         try:
             return load_basis(path, expected_model=lm.name)
         except (ValueError, OSError, RuntimeError) as error:
             warnings.warn(f"rebuilding unreadable basis cache {path}: {error}", stacklevel=2)
-    train = replace(config, split="train", max_windows=min(config.max_windows or 8, 8))
+    train = replace(config, split="train", max_windows=n_calibration)
     basis = calibrate_basis(lm, load_split_windows(train, lm.tokenizer), config.segment_length)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_basis(path, basis, lm.name)

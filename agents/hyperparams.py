@@ -1,0 +1,136 @@
+"""Default hyperparameters, one frozen dataclass per algorithm and per policy (rl-zoo style).
+
+The defaults suit short CPU runs on the dynamic-rank environments: episodes are
+``segments * layers`` steps (16 on ``DRRL-Tiny-v0``, 120 on the SmolLM2 ids), so rollouts
+hold a few episodes and networks stay small. Every field is a keyword argument of the
+stable-baselines3 / sb3-contrib constructor of that algorithm; ``make_agent`` overrides any
+of them by name::
+
+    make_agent("ppo", env, n_steps=256, learning_rate=1e-3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    """Proximal Policy Optimisation (stable-baselines3 ``PPO``)."""
+
+    learning_rate: float = 3e-4
+    n_steps: int = 128
+    batch_size: int = 64
+    n_epochs: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+
+@dataclass(frozen=True)
+class MaskablePPOParams(PPOParams):
+    """PPO with invalid-action masking (sb3-contrib ``MaskablePPO``): the PPO defaults."""
+
+
+@dataclass(frozen=True)
+class A2CParams:
+    """Advantage Actor-Critic (stable-baselines3 ``A2C``)."""
+
+    learning_rate: float = 7e-4
+    n_steps: int = 16
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+
+@dataclass(frozen=True)
+class DQNParams:
+    """Deep Q-Network (stable-baselines3 ``DQN``)."""
+
+    learning_rate: float = 1e-3
+    buffer_size: int = 20_000
+    learning_starts: int = 64
+    batch_size: int = 32
+    tau: float = 1.0
+    gamma: float = 0.99
+    train_freq: int = 4
+    gradient_steps: int = 1
+    target_update_interval: int = 256
+    exploration_fraction: float = 0.3
+    exploration_initial_eps: float = 1.0
+    exploration_final_eps: float = 0.05
+
+
+@dataclass(frozen=True)
+class MlpPolicyParams:
+    """SB3's default MLP on the flat observation."""
+
+    net_arch: tuple[int, ...] = (64, 64)
+    """Hidden layer widths of the policy / value (or Q) network."""
+
+
+@dataclass(frozen=True)
+class TransformerPolicyParams:
+    """The state-token Transformer encoder (see :mod:`agents.transformer_policy`)."""
+
+    d_model: int = 32
+    """Token width."""
+    n_heads: int = 4
+    """Attention heads per encoder layer (must divide ``d_model``)."""
+    n_layers: int = 2
+    """Encoder layers."""
+    dim_feedforward: int = 64
+    """Hidden width of each encoder layer's feed-forward block."""
+    dropout: float = 0.0
+    """Dropout inside the encoder (0: deterministic training and prediction)."""
+    features_dim: int = 64
+    """Width of the pooled feature vector handed to the policy / value heads."""
+    net_arch: tuple[int, ...] = (64,)
+    """Hidden layer widths of the heads on top of the encoder."""
+
+    def extractor_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~agents.transformer_policy.StateTokenExtractor`."""
+        return {k: v for k, v in asdict(self).items() if k != "net_arch"}
+
+
+ALGO_PARAMS: dict[str, type] = {
+    "ppo": PPOParams,
+    "a2c": A2CParams,
+    "dqn": DQNParams,
+    "maskable_ppo": MaskablePPOParams,
+}
+
+POLICY_PARAMS: dict[str, type] = {
+    "mlp": MlpPolicyParams,
+    "transformer": TransformerPolicyParams,
+}
+
+
+def field_names(params_class: type) -> tuple[str, ...]:
+    """Names of the fields of a parameter dataclass."""
+    return tuple(f.name for f in fields(params_class))
+
+
+def default_hyperparams(algo: str) -> Any:
+    """The default hyperparameters of ``algo`` (one of :data:`ALGO_PARAMS`).
+
+    Raises:
+        ValueError: ``algo`` is unknown; the message lists the valid names.
+    """
+    if algo not in ALGO_PARAMS:
+        raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGO_PARAMS)}")
+    return ALGO_PARAMS[algo]()
+
+
+def with_overrides(params: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Split ``overrides`` into the dataclass's own fields (applied) and the rest (returned)."""
+    names = set(field_names(type(params)))
+    own = {k: v for k, v in overrides.items() if k in names}
+    rest = {k: v for k, v in overrides.items() if k not in names}
+    return replace(params, **own), rest
