@@ -58,16 +58,19 @@ class Args:
     """``algo:policy`` pairs trained."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds of every agent."""
-    total_timesteps: int = 20_000
+    total_timesteps: int = 10_000
     """Training steps per agent and seed."""
-    train_windows: int = 32
+    train_windows: int = 16
     """Train-split windows in the cached training env."""
-    eval_windows: int = 3
+    eval_windows: int = 2
     """Held-out eval windows every policy is evaluated on."""
-    energy_taus: tuple[float, ...] = (0.9, 0.95)
+    static_ranks: tuple[int, ...] | None = (16, 24, 32, 48)
+    """Static-rank baselines; None for every rank of the grid."""
+    energy_taus: tuple[float, ...] = (0.95,)
     """Energy thresholds of the adaptive-SVD baseline."""
     full: bool = False
-    """Larger configuration: 3 seeds, 100k steps, 8 eval windows, all train windows."""
+    """Larger configuration: 3 seeds, 100k steps, 8 eval and 32 train windows, every static
+    rank, two energy thresholds."""
     out_dir: str = "results"
     """Parent folder of the run folder."""
     run_name: str | None = None
@@ -83,7 +86,9 @@ class Args:
             seeds=(0, 1, 2),
             total_timesteps=100_000,
             eval_windows=8,
-            train_windows=10_000,
+            train_windows=32,
+            static_ranks=None,
+            energy_taus=(0.9, 0.95),
             full=False,
         )
 
@@ -125,7 +130,7 @@ def baselines(live: gym.Env, args: Args, method: str, windows: list[int]) -> dic
     """Every baseline policy, built for the live eval env."""
     ranks = live.unwrapped.ranks
     policies = {"full_rank": make_baseline("full_rank", live)}
-    for rank in ranks[:-1]:
+    for rank in ranks[:-1] if args.static_ranks is None else args.static_ranks:
         policies[f"static_{rank}"] = make_baseline("static_rank", live, rank=rank)
     for tau in args.energy_taus:
         policies[f"energy_{tau:g}"] = make_baseline("energy_threshold", live, tau=tau)
