@@ -290,3 +290,17 @@ def test_smollm2_env_passes_checkers(tmp_path):
     gym_check_env(env)
     sb3_check_env(env)
     assert env.n_layers == 30 and env.ranks[-1] == 64
+
+
+def test_cache_of_more_windows_serves_fewer(tmp_path):
+    three = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 3}, cache_dir=str(tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
+    assert two.backend.n_windows == 2
+    np.testing.assert_array_equal(
+        two.backend.rollouts.fidelity, three.backend.rollouts.fidelity[:2]
+    )
+    with pytest.warns(UserWarning, match="holds 3 windows"):
+        four = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 4}, cache_dir=str(tmp_path)))
+    assert four.backend.n_windows == 4

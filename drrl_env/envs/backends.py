@@ -25,7 +25,7 @@ from drrl_env.envs.config import EnvConfig
 from drrl_env.flops import full_attention_flops, lowrank_attention_flops
 from drrl_env.paths import cache_dir as default_cache_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,7 @@ class CachedRollouts:
         "shape",
         "ranks",
     )
+    PER_WINDOW = ("tokens", "fidelity", "spectra", "input_stats", "nll_full")
 
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.tokens = arrays["tokens"]  # (W, seq_len)
@@ -193,7 +194,6 @@ class CachedRollouts:
             "segment_length",
             "method",
             "ranks",
-            "max_windows",
         )
         key = {name: getattr(config, name) for name in fields}
         key["ranks"] = list(config.ranks) if config.ranks else None
@@ -207,12 +207,30 @@ class CachedRollouts:
         return root / "rollouts" / f"{_slug(config.model)}-{config.method}-{_digest(key)}.npz"
 
     @classmethod
-    def load(cls, path: Path, key: dict) -> CachedRollouts:
-        """Read and check a cache file; ValueError if it is stale or corrupt."""
+    def load(cls, path: Path, key: dict, max_windows: int | None = None) -> CachedRollouts:
+        """Read and check a cache file, keeping its first ``max_windows`` windows.
+
+        Windows are the first ones of the split, so a cache of more windows serves a
+        request for fewer. ``complete`` marks a cache holding every window of the split.
+
+        Raises:
+            ValueError: The file is stale, corrupt, or holds too few windows.
+        """
         with np.load(path, allow_pickle=False) as archive:
             if json.loads(str(archive["key"])) != key:
                 raise ValueError("cache was built for another configuration")
-            rollouts = cls({name: archive[name] for name in cls.ARRAYS})
+            arrays = {name: archive[name] for name in (*cls.ARRAYS, "complete")}
+        held, complete = len(arrays["tokens"]), bool(arrays["complete"])
+        if (max_windows is None and not complete) or (
+            max_windows is not None and held < max_windows and not complete
+        ):
+            raise ValueError(f"cache holds {held} windows, {max_windows or 'all'} wanted")
+        if max_windows is not None and held > max_windows:
+            arrays = {
+                name: value[:max_windows] if name in cls.PER_WINDOW else value
+                for name, value in arrays.items()
+            }
+        rollouts = cls(arrays)
         w, s, layers, k = rollouts.fidelity.shape
         consistent = (
             rollouts.tokens.shape[0] == w
@@ -261,6 +279,7 @@ class CachedRollouts:
             "weight_stats": weight_statistics(lm),
             "shape": np.array([shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim]),
             "ranks": np.array(ranks),
+            "complete": np.array(config.max_windows is None or len(tokens) < config.max_windows),
         }
 
     @classmethod
@@ -269,7 +288,7 @@ class CachedRollouts:
         path, key = cls.path(config), cls.key(config)
         if path.is_file():
             try:
-                return cls.load(path, key)
+                return cls.load(path, key, config.max_windows)
             except Exception as error:  # noqa: BLE001 (any unreadable cache is rebuilt)
                 warnings.warn(f"rebuilding cache {path.name}: {error}", stacklevel=2)
         arrays = cls.build(config)
@@ -277,7 +296,7 @@ class CachedRollouts:
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
         np.savez(partial, key=np.array(json.dumps(key, sort_keys=True)), **arrays)
         os.replace(partial, path)
-        return cls.load(path, key)
+        return cls.load(path, key, config.max_windows)
 
 
 class CachedBackend:
