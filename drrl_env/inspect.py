@@ -1,0 +1,97 @@
+"""Per-layer views of cached rollouts, and the attention shape of a registered id.
+
+What the notebooks plot, computed here once: the mean fidelity of every candidate rank at
+every layer, each layer's mean spectrum and the energy it retains at each rank, the smallest
+rank reaching a fidelity target, and the attention shape of an environment without building
+its rollouts::
+
+    import gymnasium as gym
+    import drrl_env
+    from drrl_env.inspect import layer_fidelity
+
+    env = gym.make("DRRL-Tiny-v0")
+    table = layer_fidelity(env.unwrapped.backend.rollouts)  # (layers, ranks)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from drrl_env.envs.backends import CachedRollouts, ModelShape, model_shape, shared_model
+from drrl_env.envs.config import EnvConfig
+from drrl_env.spectra import energy_at_ranks, normalize_spectrum
+
+
+def env_config(env_id: str, **overrides: Any) -> EnvConfig:
+    """The :class:`EnvConfig` that ``gym.make(env_id, **overrides)`` would build.
+
+    Raises:
+        ValueError: ``env_id`` is not one of the registered dynamic-rank ids.
+    """
+    from drrl_env import ENV_IDS
+
+    if env_id not in ENV_IDS:
+        raise ValueError(f"unknown id {env_id!r}; registered: {', '.join(ENV_IDS)}")
+    kwargs, _ = ENV_IDS[env_id]
+    return EnvConfig(**{**kwargs, **overrides})
+
+
+def attention_shape(env_id: str, **overrides: Any) -> tuple[EnvConfig, ModelShape]:
+    """The configuration of ``env_id`` and its model's attention shape.
+
+    Loads the frozen model (shared with environments of the same process) but builds no
+    rollouts, so it is cheap even for the SmolLM2 ids.
+    """
+    config = env_config(env_id, **overrides)
+    lm = shared_model(config.model, config.device, config.cache_dir)
+    return config, model_shape(lm)
+
+
+def layer_fidelity(rollouts: CachedRollouts) -> np.ndarray:
+    """Mean teacher-forced fidelity of each candidate rank at each layer, shape (L, K).
+
+    The mean runs over windows and segments of ``rollouts.fidelity`` (W, S, L, K).
+    """
+    return np.asarray(rollouts.fidelity, dtype=np.float64).mean(axis=(0, 1))
+
+
+def layer_spectra(rollouts: CachedRollouts) -> np.ndarray:
+    """Each layer's normalised spectrum of ``Q^T Q + K^T K``, averaged, shape (L, d)."""
+    return normalize_spectrum(np.asarray(rollouts.spectra).mean(axis=(0, 1)))
+
+
+def layer_energy(rollouts: CachedRollouts) -> np.ndarray:
+    """Mean energy retained at each candidate rank at each layer, shape (L, K)."""
+    return energy_at_ranks(rollouts.spectra, rollouts.ranks).mean(axis=(0, 1))
+
+
+def effective_rank(spectrum: Any) -> np.ndarray | float:
+    """``exp`` of the Shannon entropy of the normalised spectrum (last axis).
+
+    ``d`` for a flat spectrum of ``d`` values, 1 when all energy is in one direction: how
+    many directions the layer's queries and keys really use.
+    """
+    p = normalize_spectrum(spectrum)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    out = np.exp(entropy)
+    return float(out) if out.ndim == 0 else out
+
+
+def smallest_rank_reaching(table: np.ndarray, ranks: Sequence[int], threshold: float) -> np.ndarray:
+    """Per row of ``table`` (L, K), the smallest rank whose value is ``>= threshold``.
+
+    Rows that never reach it get the last (full) rank.
+
+    Raises:
+        ValueError: ``table`` does not have one column per rank.
+    """
+    values = np.asarray(table, dtype=np.float64)
+    grid = np.asarray(ranks)
+    if values.ndim != 2 or values.shape[1] != grid.size:
+        raise ValueError(f"table of shape {values.shape} needs {grid.size} columns (one per rank)")
+    reached = values >= threshold
+    first = np.where(reached.any(axis=1), reached.argmax(axis=1), grid.size - 1)
+    return grid[first]

@@ -1,0 +1,150 @@
+"""The notebooks' helpers: per-layer views of rollouts (drrl_env.inspect), comparison frames,
+ranks per layer, episode traces and the inline Pareto image (agents.notebook_helpers)."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import drrl_env
+from agents import FullRankPolicy, StaticRankPolicy, UniformRandomPolicy
+from agents.notebook_helpers import (
+    comparison_frame,
+    episode_trace,
+    pareto_image,
+    ranks_per_layer,
+)
+from agents.reporting import summary_table
+from drrl_env.envs.backends import CachedRollouts
+from drrl_env.inspect import (
+    attention_shape,
+    effective_rank,
+    env_config,
+    layer_energy,
+    layer_fidelity,
+    layer_spectra,
+    smallest_rank_reaching,
+)
+from drrl_env.spectra import energy_at_ranks
+
+RANKS = (2, 4)
+
+
+def _rollouts(seed: int = 0) -> CachedRollouts:
+    """Random rollouts of 3 windows, 2 segments, 3 layers, head dim 4, ranks (2, 4)."""
+    rng = np.random.default_rng(seed)
+    spectra = rng.random((3, 2, 3, 4))
+    return CachedRollouts(
+        {
+            "tokens": np.zeros((3, 8), dtype=np.int64),
+            "fidelity": rng.random((3, 2, 3, len(RANKS))),
+            "spectra": spectra / spectra.sum(axis=-1, keepdims=True),
+            "input_stats": np.zeros((3, 2, 3, 3)),
+            "nll_full": np.zeros(3),
+            "weight_stats": np.zeros((3, 3)),
+            "shape": np.array([3, 2, 1, 4]),
+            "ranks": np.array(RANKS),
+        }
+    )
+
+
+def test_layer_fidelity_is_the_mean_over_windows_and_segments():
+    rollouts = _rollouts()
+    table = layer_fidelity(rollouts)
+    assert table.shape == (3, len(RANKS))
+    for layer in range(3):
+        np.testing.assert_allclose(
+            table[layer], rollouts.fidelity[:, :, layer].reshape(-1, len(RANKS)).mean(axis=0)
+        )
+
+
+def test_layer_energy_and_spectra_agree_with_the_spectrum_utilities():
+    rollouts = _rollouts(1)
+    energy = layer_energy(rollouts)
+    expected = energy_at_ranks(rollouts.spectra, RANKS).mean(axis=(0, 1))
+    np.testing.assert_allclose(energy, expected)
+    np.testing.assert_allclose(energy[:, -1], 1.0)
+    spectra = layer_spectra(rollouts)
+    assert spectra.shape == (3, 4)
+    np.testing.assert_allclose(spectra.sum(axis=1), 1.0)
+    assert np.all(np.diff(spectra, axis=1) <= 0)
+
+
+def test_effective_rank_of_flat_and_single_direction_spectra():
+    assert effective_rank(np.ones(8)) == pytest.approx(8.0)
+    assert effective_rank([5.0, 0.0, 0.0]) == pytest.approx(1.0)
+    batch = effective_rank(np.array([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+    np.testing.assert_allclose(batch, [2.0, 4.0])
+
+
+def test_smallest_rank_reaching():
+    table = np.array([[0.5, 0.95, 1.0], [0.99, 1.0, 1.0], [0.1, 0.2, 0.3]])
+    np.testing.assert_array_equal(smallest_rank_reaching(table, (8, 16, 64), 0.9), [16, 8, 64])
+    with pytest.raises(ValueError, match="columns"):
+        smallest_rank_reaching(table, (8, 64), 0.9)
+
+
+def test_env_config_and_attention_shape_of_the_tiny_id():
+    config = env_config("DRRL-Tiny-v0", split="eval")
+    assert config.model == "tiny-llama" and config.split == "eval"
+    assert config.method == drrl_env.ENV_IDS["DRRL-Tiny-v0"][0]["method"]
+    config, shape = attention_shape("DRRL-Tiny-v0")
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (4, 4, 2, 64)
+    with pytest.raises(ValueError, match="unknown id"):
+        env_config("DRRL-Nothing-v0")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = str(tmp_path_factory.getbasetemp() / "inspect-cache")
+    return gym.make("DRRL-Tiny-v0", cache_dir=cache, max_windows=2)
+
+
+def test_comparison_frame_feeds_the_summary_table(env):
+    rl = {"random_agent": UniformRandomPolicy(env, seed=0)}
+    baselines = {"full_rank": FullRankPolicy(env), "static_8": StaticRankPolicy(env, 8)}
+    frame = comparison_frame(env, [0, 1], rl, baselines)
+    assert len(frame) == 6
+    assert set(frame["kind"]) == {"rl", "baseline"}
+    assert set(frame["method"]) == {"calibrated"}
+    assert (frame["attention_flops_full"] > 0).all()
+    summary = summary_table(frame)
+    assert list(summary["policy"]) == ["random_agent", "full_rank", "static_8"]
+    with pytest.raises(ValueError, match="at least one"):
+        comparison_frame(env, [0], {}, {})
+
+
+def test_ranks_per_layer(env):
+    frame = comparison_frame(env, [0, 1], {}, {"static_8": StaticRankPolicy(env, 8)})
+    frame["ranks"] = [json.dumps([[8, 8, 8, 64]] * 4), json.dumps([[8, 16, 8, 64]] * 4)]
+    table = ranks_per_layer(frame)
+    assert table.shape == (1, 4)
+    np.testing.assert_allclose(table.loc["static_8"], [8, 12, 8, 64])
+    requested = ranks_per_layer(frame, "requested_ranks")
+    np.testing.assert_allclose(requested.loc["static_8"], [8, 8, 8, 8])
+
+
+def test_episode_trace_records_every_step_and_the_mask(env):
+    trace = episode_trace(StaticRankPolicy(env, 8), env, 0)
+    assert list(trace["step"]) == list(range(16))
+    assert (trace["requested_rank"] == 8).all()
+    masked = trace["action_masked"]
+    assert (trace.loc[masked, "rank"] > 8).all() and (trace.loc[~masked, "rank"] == 8).all()
+    assert all(not mask[0] for mask in trace.loc[masked, "mask"])
+    assert all(mask[-1] for mask in trace["mask"])
+
+
+def test_pareto_image_is_a_png_and_restores_the_backend(env):
+    import matplotlib
+
+    frame = comparison_frame(
+        env, [0], {}, {"full_rank": FullRankPolicy(env), "static_8": StaticRankPolicy(env, 8)}
+    )
+    frame["perplexity"] = frame["perplexity_full"] = 10.0  # the cached backend has none
+    before = matplotlib.get_backend()
+    image = pareto_image(summary_table(frame))
+    assert image.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == before
