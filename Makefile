@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: setup
-	$(PY) experiments/uniform_rank_table.py
+	$(PY) experiments/compare_agents.py
 
 test: setup
 	$(PY) -m pytest

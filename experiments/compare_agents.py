@@ -153,13 +153,19 @@ def run_method(method: str, args: Args, run_dir: Path, progress: Progress) -> pd
     jobs = [(spec, seed) for spec in args.agents for seed in args.seeds]
     task = progress.add_task(f"{method}: train + evaluate", total=len(jobs) + 1)
     for spec, seed in jobs:
+        started = time.perf_counter()
         model = train_agent(spec, method, seed, args, run_dir)
+        progress.console.log(
+            f"{method}: trained {spec} seed {seed} ({args.total_timesteps:,} steps) "
+            f"in {time.perf_counter() - started:.0f} s; evaluating on {len(windows)} windows"
+        )
         name = f"{spec.replace(':', '_')}"
         frame = evaluate_policy_on_windows(
             model, live, windows, csv_dir / f"{name}__{seed}.csv", name=name
         )
         frames.append(frame.assign(seed=seed, kind="rl"))
         progress.advance(task)
+    progress.console.log(f"{method}: evaluating the baselines")
     for name, policy in baselines(live, args, method, windows).items():
         frame = evaluate_policy_on_windows(
             policy, live, windows, csv_dir / f"{name}.csv", name=name

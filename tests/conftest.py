@@ -40,3 +40,19 @@ def smollm2():
     from drrl_env.lm.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """A cache folder shared by the tests of a session (tiny-model rollouts build once)."""
+    return str(tmp_path_factory.getbasetemp() / "agents-cache")
+
+
+@pytest.fixture(scope="module")
+def env(cache_root):
+    """The tiny environment with two windows, one instance per test module."""
+    import gymnasium as gym
+
+    import drrl_env  # noqa: F401 (registers the ids)
+
+    return gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=2)

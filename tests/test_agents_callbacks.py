@@ -7,7 +7,6 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from stable_baselines3.common.callbacks import CallbackList, EvalCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -18,19 +17,6 @@ from agents import (
     make_agent,
     training_callbacks,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "agents-cache")
 
 
 class InfoRecorder(gym.Wrapper):

@@ -8,7 +8,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 import drrl_env
 from agents import (
@@ -30,24 +29,6 @@ from drrl_env.replay import ReplayMismatch
 TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"][0], "max_windows": 2}
 WINDOWS = [1, 0]
 NUMBERS = ["return", "mean_fidelity", "flops_ratio", "flops_reduction", "mean_perturbation"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "agents-cache")
-
-
-@pytest.fixture(scope="module")
-def env(cache_root):
-    return gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=2)
 
 
 @pytest.fixture(scope="module")

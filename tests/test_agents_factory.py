@@ -35,24 +35,6 @@ SHORT = {
 TRAIN_STEPS = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "agents-cache")
-
-
-@pytest.fixture(scope="module")
-def env(cache_root):
-    return gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=2)
-
-
 def observations_and_masks(env, episodes=2, seed=0):
     """Observations (and their masks) of random-action episodes on every window."""
     rng = np.random.default_rng(seed)
