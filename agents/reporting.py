@@ -2,11 +2,14 @@
 
 Every number here is computed from the per-window CSV rows of
 :func:`agents.evaluation.evaluate_policy_on_windows`; the Markdown table is generated from
-the summary frame, never typed.
+the summary frame, never typed. :func:`pareto_front` marks the non-dominated points of a
+frame, :func:`front_plot` draws a baseline front with agents on the same axes, and
+:func:`markdown_from_frame` renders any frame read back from a CSV.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +158,169 @@ def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pareto_front(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    maximize_x: bool = True,
+    minimize_y: bool = True,
+) -> pd.Series:
+    """Which rows are non-dominated in the ``(x, y)`` plane.
+
+    A row is dominated when another row is at least as good on both axes and strictly better
+    on one. Identical points do not dominate each other; a row with NaN on either axis is
+    never on the front and dominates nothing.
+
+    Args:
+        frame: One row per point.
+        x: The column of the first objective (by default larger is better, e.g. the
+            FLOPs reduction).
+        y: The column of the second objective (by default smaller is better, e.g. the
+            perplexity increase).
+        maximize_x: Larger ``x`` is better; False: smaller is better.
+        minimize_y: Smaller ``y`` is better; False: larger is better.
+
+    Returns:
+        A boolean Series on ``frame``'s index, True for the non-dominated rows.
+    """
+    gain_x = frame[x].to_numpy(dtype=float) * (1.0 if maximize_x else -1.0)
+    gain_y = frame[y].to_numpy(dtype=float) * (-1.0 if minimize_y else 1.0)
+    valid = np.isfinite(gain_x) & np.isfinite(gain_y)
+    px, py = gain_x[valid], gain_y[valid]
+    no_worse = (px[None, :] >= px[:, None]) & (py[None, :] >= py[:, None])  # [i, j]: j vs i
+    better = (px[None, :] > px[:, None]) | (py[None, :] > py[:, None])
+    dominated = np.any(no_worse & better, axis=1)
+    front = np.zeros(len(frame), dtype=bool)
+    front[np.flatnonzero(valid)[~dominated]] = True
+    return pd.Series(front, index=frame.index, name="pareto")
+
+
+def undominated_by(
+    frame: pd.DataFrame, reference: pd.Series, x: str, y: str, **directions: bool
+) -> pd.Series:
+    """Per row: no row of the ``reference`` subset dominates it (see :func:`pareto_front`).
+
+    For a reference row this is its membership in the reference subset's own front; for
+    any other row, whether it lies beyond (or on) that front.
+
+    Args:
+        frame: One row per point.
+        reference: Boolean Series on ``frame``'s index selecting the reference rows (e.g. the
+            static-rank and energy-threshold baselines).
+        x, y: The objective columns.
+        **directions: ``maximize_x`` / ``minimize_y`` of :func:`pareto_front`.
+    """
+    base = frame[reference]
+    result = pd.Series(False, index=frame.index, name="undominated")
+    result[base.index] = pareto_front(base, x, y, **directions)
+    for index in frame.index[~reference.to_numpy(dtype=bool)]:
+        subset = pd.concat([base, frame.loc[[index]]], ignore_index=True)
+        result[index] = bool(pareto_front(subset, x, y, **directions).iloc[-1])
+    return result
+
+
+def markdown_from_frame(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of ``frame``, one row per row, columns chosen and formatted.
+
+    Args:
+        frame: The rows (typically read back from the CSV the table documents).
+        columns: ``(header, column, format)`` triples; ``format`` is a ``str.format``
+            pattern such as ``"{:.2f}"``. NaN and empty cells are written as ``n/a``.
+    """
+    lines = [
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for _, row in frame.iterrows():
+        cells = [_format_cell(row[column], pattern) for _, column, pattern in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format_cell(value: object, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    if isinstance(value, str) and not value:
+        return "n/a"
+    return pattern.format(value)
+
+
+FRONT_FAMILIES = ("static", "energy", "rl")
+"""Families of points on a front plot: static ranks (and full rank), energy thresholds, agents."""
+
+
+def front_plot(front: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Executed-FLOPs reduction vs perplexity increase: the baseline front and the agents.
+
+    Args:
+        front: Rows with ``family`` (one of :data:`FRONT_FAMILIES`), ``policy``, ``label``,
+            ``flops_reduction_pct``, ``delta_ppl_pct``, their ``_std`` columns and the
+            boolean ``pareto``.
+        path: The PNG written.
+        title: The plot title.
+
+    The static ranks (full rank included) are joined by a line, the energy thresholds by a
+    dashed one; agents are squares with their standard deviation over seeds; the
+    non-dominated points of all rows are ringed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    styles = {"static": ("o-", "grey", "static ranks"), "energy": ("^--", "tab:blue", "energy")}
+    for family, (fmt, color, name) in styles.items():
+        part = front[front["family"] == family].sort_values("flops_reduction_pct")
+        if part.empty:
+            continue
+        ax.plot(part["flops_reduction_pct"], part["delta_ppl_pct"], fmt, color=color, label=name)
+        for _, row in part.iterrows():
+            ax.annotate(
+                str(row["label"]),
+                (row["flops_reduction_pct"], row["delta_ppl_pct"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    for _, row in front[front["family"] == "rl"].iterrows():
+        ax.errorbar(
+            row["flops_reduction_pct"],
+            row["delta_ppl_pct"],
+            xerr=_error(row.get("flops_reduction_pct_std")),
+            yerr=_error(row.get("delta_ppl_pct_std")),
+            fmt="s",
+            capsize=3,
+            label=str(row["policy"]),
+        )
+    best = front[front["pareto"].astype(bool)]
+    ax.scatter(
+        best["flops_reduction_pct"],
+        best["delta_ppl_pct"],
+        s=160,
+        facecolors="none",
+        edgecolors="tab:red",
+        linewidths=1.5,
+        label="non-dominated",
+        zorder=3,
+    )
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("executed attention-FLOPs reduction (%)")
+    ax.set_ylabel("perplexity increase vs full rank (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _error(value: object) -> float | None:
+    """An error-bar half width, None when missing, NaN or zero."""
+    if value is None or not np.isfinite(float(value)) or float(value) == 0:
+        return None
+    return float(value)

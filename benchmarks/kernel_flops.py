@@ -19,7 +19,8 @@ fused kernel skips). ``cos_vs_full`` is the mean cosine of each kernel's output 
 eager full-rank output on the same inputs; random Q/K have a flat spectrum, so low-rank
 fidelity here says nothing about a trained model.
 
-Writes ``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir`` and prints the table.
+The kernels and the timing come from :mod:`drrl_env.lm.kernel_timing`. Writes
+``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir`` and prints the table.
 
 Example:
     python benchmarks/kernel_flops.py --lengths 512 1024 --repeats 3
@@ -29,24 +30,24 @@ from __future__ import annotations
 
 import csv
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from drrl_env.flops import (
-    FlopsBreakdown,
-    flops_ratio,
-    full_attention_flops,
-    lowrank_attention_flops,
+from drrl_env.flops import flops_ratio
+from drrl_env.lm.attention import output_cosine
+from drrl_env.lm.kernel_timing import (
+    LOWRANK_METHODS,
+    AttentionShape,
+    Kernel,
+    attention_kernels,
+    full_flops,
+    time_call,
 )
-from drrl_env.lm.attention import RankController, full_attention, output_cosine, repeat_kv
 
 COLUMNS = (
     "device",
@@ -95,108 +96,15 @@ class Args:
     """Torch device (cuda when present, else cpu)."""
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """One timed attention kernel and its executed FLOPs."""
-
-    name: str
-    rank: int
-    call: Callable[[], torch.Tensor]
-    flops: FlopsBreakdown
-
-
-def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive causal mask (1, 1, L, L): 0 on and below the diagonal, dtype minimum above."""
-    upper = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    mask = torch.zeros(length, length, dtype=dtype, device=device)
-    return mask.masked_fill(upper, torch.finfo(dtype).min)[None, None]
-
-
-def random_basis(args: Args, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A random orthonormal basis per query head, shaped (1 layer, H, d, d)."""
-    gaussian = torch.randn(args.heads, args.head_dim, args.head_dim, generator=generator)
-    return torch.linalg.qr(gaussian).Q[None].to(device)  # (1, H, d, d)
-
-
-def controller_call(
-    controller: RankController,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float,
-) -> Callable[[], torch.Tensor]:
-    """A fresh-sequence call of ``controller`` on layer 0 (accumulated Grams reset first)."""
-
-    def call() -> torch.Tensor:
-        controller.reset()
-        return controller.attend(0, query, key, value, mask, scaling)
-
-    return call
+def shape_of(args: Args) -> AttentionShape:
+    """The attention heads of ``args``."""
+    return AttentionShape(args.heads, args.kv_heads, args.head_dim)
 
 
 def kernels_for(args: Args, length: int, device: torch.device) -> list[Kernel]:
     """All kernels at sequence length ``length``, on the same random inputs."""
-    generator = torch.Generator().manual_seed(args.seed + length)
-    d, heads, kv_heads = args.head_dim, args.heads, args.kv_heads
-    query = torch.randn(1, heads, length, d, generator=generator).to(device)  # (B, H, T, d)
-    key = torch.randn(1, kv_heads, length, d, generator=generator).to(device)  # (B, Hkv, N, d)
-    value = torch.randn(1, kv_heads, length, d, generator=generator).to(device)
-    mask = causal_mask(length, query.dtype, device)  # (1, 1, T, N)
-    scaling = d**-0.5
-    groups = heads // kv_heads
-    basis = random_basis(args, generator, device)
-
-    def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            query,
-            repeat_kv(key, groups),
-            repeat_kv(value, groups),
-            is_causal=True,
-            scale=scaling,
-        )
-
-    kernels = [
-        Kernel("sdpa", d, sdpa, full_flops(args, length)),
-        Kernel(
-            "full",
-            d,
-            lambda: full_attention(query, key, value, mask, scaling),
-            full_flops(args, length),
-        ),
-    ]
-    for method in ("gram", "svd", "calibrated"):
-        for rank in args.ranks:
-            controller = RankController(
-                1,
-                d,
-                method=method,
-                ranks=rank,
-                record=False,
-                basis=basis if method == "calibrated" else None,
-            )
-            flops = lowrank_attention_flops(length, length, d, rank, method, heads, kv_heads)
-            call = controller_call(controller, query, key, value, mask, scaling)
-            kernels.append(Kernel(method, rank, call, flops))
-    return kernels
-
-
-def time_call(
-    call: Callable[[], torch.Tensor], warmup: int, repeats: int, device: torch.device
-) -> tuple[float, torch.Tensor]:
-    """Median wall seconds of ``repeats`` calls after ``warmup`` calls, and the last output."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    output = None
-    for _ in range(warmup):
-        output = call()
-    sync()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        output = call()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), output
+    lowrank = [(method, rank) for method in LOWRANK_METHODS for rank in args.ranks]
+    return attention_kernels(shape_of(args), length, lowrank, device, args.seed)
 
 
 def benchmark(args: Args) -> list[dict]:
@@ -217,6 +125,7 @@ def benchmark(args: Args) -> list[dict]:
                 progress.update()
             seconds_of = {k.name: s for k, s, _ in measured}
             reference = next(out for k, _, out in measured if k.name == "full")
+            full = full_flops(shape_of(args), length)
             for kernel, seconds, output in measured:
                 rows.append(
                     {
@@ -227,7 +136,7 @@ def benchmark(args: Args) -> list[dict]:
                         "time_ms": 1e3 * seconds,
                         "time_vs_sdpa": seconds / seconds_of["sdpa"],
                         "gflops": kernel.flops.total / 1e9,
-                        "flops_vs_full": flops_ratio(kernel.flops, full_flops(args, length)),
+                        "flops_vs_full": flops_ratio(kernel.flops, full),
                         "cos_vs_full": output_cosine(output, reference),
                         "warmup": warmup,
                         "repeats": repeats,
@@ -236,11 +145,6 @@ def benchmark(args: Args) -> list[dict]:
             del measured, reference
     progress.close()
     return rows
-
-
-def full_flops(args: Args, length: int) -> FlopsBreakdown:
-    """Executed FLOPs of full-rank attention at length ``length`` (all query heads)."""
-    return full_attention_flops(length, length, args.head_dim, args.heads)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -37,7 +37,6 @@ from agents import (
 )
 from agents.evaluation import predict_action
 from agents.reporting import pareto_plot, summary_table, write_markdown
-from drrl_env.paths import cache_dir
 
 console = Console()
 
@@ -196,7 +195,6 @@ def main(args: Args) -> Path:
     config = {
         "args": asdict(args),
         "wall_s": time.perf_counter() - start,
-        "cache_dir": str(cache_dir()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

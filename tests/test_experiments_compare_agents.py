@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.getbasetemp() / "compare-cache"
     command = [
         sys.executable,
         str(ROOT / "experiments" / "compare_agents.py"),
@@ -53,8 +53,8 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(run_dir):
-    return json.loads((run_dir / "config.json").read_text())["cache_dir"]
+def cache_dir(tmp_path_factory, run_dir):
+    return str(tmp_path_factory.getbasetemp() / "compare-cache")
 
 
 def test_outputs_exist_and_parse(run_dir):

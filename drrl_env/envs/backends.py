@@ -26,6 +26,7 @@ from drrl_env.flops import full_attention_flops, lowrank_attention_flops
 from drrl_env.paths import cache_dir as default_cache_dir
 
 CACHE_FORMAT = 2
+CALIBRATION_WINDOWS = 8  # train windows the calibrated bases are estimated on
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def calibrated_basis(config: EnvConfig, lm):
     from drrl_env.lm.calibration import calibrate_basis, load_basis, save_basis
 
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    n_calibration = min(config.max_windows or 8, 8)
+    n_calibration = CALIBRATION_WINDOWS
     fields = ("model", "corpus", "seq_len", "segment_length", "eval_fraction")
     key = {name: getattr(config, name) for name in fields}
     key["source"], key["n_calibration"] = data_source(config), n_calibration

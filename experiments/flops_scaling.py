@@ -1,0 +1,266 @@
+"""Executed FLOPs and wall time of one attention layer against sequence length (Figure 3).
+
+For each length ``L`` (queries = keys = ``L``, one causal segment, batch 1, SmolLM2-135M's
+heads by default), the same random Q/K/V go through full attention, both as torch SDPA and as
+the eager path the model runs, and through the low-rank kernels (``gram``, ``svd``,
+``calibrated``, the basis search included) at the ranks asked for: the policy's mean rank,
+given with ``--ranks`` or read with ``--from-summary`` from the ``mean_rank`` of the RL rows of
+an ``experiments/compare_agents.py`` ``summary.csv`` (rounded, each with its own method).
+
+Executed FLOPs come from :mod:`drrl_env.flops` (dense counts); the honest ceiling of a
+low-rank kernel is the FLOPs ratio ``1 - (d - r) / (2d)``: only the scores shrink, ``A V``
+does not. Wall time is the median of ``repeats`` timed calls after ``warmup`` untimed ones
+(:mod:`drrl_env.lm.kernel_timing`).
+
+Writes ``flops_scaling_<device type>.csv``, ``.md`` (generated from the CSV) and ``.png``
+(FLOPs ratio vs L with the ceilings; wall time vs L, log-log) and ``config.json`` under
+``out_dir``.
+
+    python experiments/flops_scaling.py --ranks 24 40
+    python experiments/flops_scaling.py --from-summary results/<run>/summary.csv
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import tyro
+from tqdm import tqdm
+
+from agents.reporting import markdown_from_frame
+from drrl_env.flops import attention_core_saving_bound, flops_ratio
+from drrl_env.lm.kernel_timing import (
+    LOWRANK_METHODS,
+    AttentionShape,
+    attention_kernels,
+    full_flops,
+    time_call,
+)
+
+COLUMNS = (
+    "device",
+    "L",
+    "kernel",
+    "rank",
+    "source",
+    "time_ms",
+    "time_vs_sdpa",
+    "time_vs_eager",
+    "gflops",
+    "flops_ratio",
+    "ceiling_ratio",
+    "warmup",
+    "repeats",
+)
+MARKDOWN_COLUMNS = (
+    ("L", "L", "{}"),
+    ("kernel", "kernel", "{}"),
+    ("rank", "rank", "{}"),
+    ("rank from", "source", "{}"),
+    ("time (ms)", "time_ms", "{:.3f}"),
+    ("time / SDPA", "time_vs_sdpa", "{:.2f}"),
+    ("time / eager", "time_vs_eager", "{:.2f}"),
+    ("GFLOPs", "gflops", "{:.3f}"),
+    ("FLOPs / full", "flops_ratio", "{:.3f}"),
+    ("ceiling", "ceiling_ratio", "{:.3f}"),
+)
+"""``(header, CSV column, format)`` of the Markdown table."""
+
+
+@dataclass(frozen=True)
+class Args:
+    """Executed FLOPs and wall time of one attention layer vs sequence length."""
+
+    lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    """Sequence lengths L (queries = keys = L)."""
+    ranks: tuple[int, ...] = (16, 32, 48)
+    """The policy's mean rank(s), rounded to integers: every method in --methods runs at each."""
+    methods: tuple[str, ...] = LOWRANK_METHODS
+    """Low-rank kernels run at --ranks (``gram``, ``svd``, ``calibrated``)."""
+    from_summary: Path | None = None
+    """compare_agents ``summary.csv``: the rounded ``mean_rank`` of each RL row, with that row's
+    method, replaces --ranks and --methods."""
+    heads: int = 9
+    """Query heads (SmolLM2-135M: 9)."""
+    kv_heads: int = 3
+    """Key/value heads (SmolLM2-135M: 3)."""
+    head_dim: int = 64
+    """Head dimension d (SmolLM2-135M: 64)."""
+    warmup: int = 1
+    """Untimed calls before timing each kernel."""
+    repeats: int = 5
+    """Timed calls per kernel (the median is reported)."""
+    seed: int = 0
+    """Seed of the random Q/K/V and of the calibrated basis."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device (cuda when present, else cpu)."""
+    threads: int | None = None
+    """Torch intra-op threads; None keeps torch's default."""
+    out_dir: Path = Path("results/flops_scaling")
+    """Where flops_scaling_<device type>.csv, .md, .png and config.json are written."""
+
+
+def lowrank_kernels(args: Args) -> list[tuple[str, int, str]]:
+    """``(method, rank, source)`` of every low-rank kernel to run, duplicates merged.
+
+    Raises:
+        ValueError: ``--from-summary`` has no RL row, or a method is unknown.
+    """
+    if args.from_summary is None:
+        unknown = set(args.methods) - set(LOWRANK_METHODS)
+        if unknown:
+            raise ValueError(f"methods must be among {LOWRANK_METHODS}; got {sorted(unknown)}")
+        return [(method, rank, "--ranks") for method in args.methods for rank in args.ranks]
+    summary = pd.read_csv(args.from_summary)
+    rl = summary[(summary["kind"] == "rl") & summary["method"].isin(LOWRANK_METHODS)]
+    if rl.empty:
+        raise ValueError(f"{args.from_summary} holds no RL row of a method in {LOWRANK_METHODS}")
+    sources: dict[tuple[str, int], list[str]] = {}
+    for _, row in rl.iterrows():
+        rank = min(max(round(float(row["mean_rank"])), 1), args.head_dim)
+        sources.setdefault((row["method"], rank), []).append(str(row["policy"]))
+    return [(method, rank, " ".join(names)) for (method, rank), names in sources.items()]
+
+
+def measure(args: Args, kernels: list[tuple[str, int, str]]) -> list[dict]:
+    """Time every kernel at every length; one dict per (L, kernel, rank)."""
+    device = torch.device(args.device)
+    shape = AttentionShape(args.heads, args.kv_heads, args.head_dim)
+    sources = {(method, rank): source for method, rank, source in kernels}
+    rows: list[dict] = []
+    progress = tqdm(total=len(args.lengths) * (2 + len(kernels)), desc="kernels")
+    with torch.inference_mode():
+        for length in args.lengths:
+            pairs = [(method, rank) for method, rank, _ in kernels]
+            full = full_flops(shape, length)
+            timed = []
+            for kernel in attention_kernels(shape, length, pairs, device, args.seed):
+                progress.set_postfix_str(f"L={length} {kernel.name} r={kernel.rank}")
+                seconds, _ = time_call(kernel.call, args.warmup, args.repeats, device)
+                timed.append((kernel, seconds))
+                progress.update()
+            sdpa, eager = timed[0][1], timed[1][1]
+            for kernel, seconds in timed:
+                lowrank = kernel.name in LOWRANK_METHODS
+                rows.append(
+                    {
+                        "device": device.type,
+                        "L": length,
+                        "kernel": "eager" if kernel.name == "full" else kernel.name,
+                        "rank": kernel.rank,
+                        "source": sources[(kernel.name, kernel.rank)] if lowrank else "head dim",
+                        "time_ms": 1e3 * seconds,
+                        "time_vs_sdpa": seconds / sdpa,
+                        "time_vs_eager": seconds / eager,
+                        "gflops": kernel.flops.total / 1e9,
+                        "flops_ratio": flops_ratio(kernel.flops, full),
+                        "ceiling_ratio": ceiling(args.head_dim, kernel.rank) if lowrank else None,
+                        "warmup": args.warmup,
+                        "repeats": args.repeats,
+                    }
+                )
+    progress.close()
+    return rows
+
+
+def ceiling(head_dim: int, rank: int) -> float:
+    """The lowest FLOPs ratio a rank-``rank`` kernel can reach: ``1 - (d - r) / (2d)``."""
+    return 1.0 - attention_core_saving_bound(head_dim, rank)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The Markdown table of the CSV rows."""
+    return markdown_from_frame(table, MARKDOWN_COLUMNS)
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Two panels: FLOPs ratio vs L with each rank's ceiling; wall time vs L, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (flops_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (kernel, rank), part in table.groupby(["kernel", "rank"], sort=False):
+        label = kernel if kernel in ("sdpa", "eager") else f"{kernel} r={rank}"
+        style = {"sdpa": "k-o", "eager": "k--o"}.get(kernel, "-o")
+        time_ax.plot(part["L"], part["time_ms"], style, label=label)
+        if kernel == "sdpa":
+            flops_ax.plot(part["L"], part["flops_ratio"], "k-", label="full attention")
+        elif kernel != "eager":
+            flops_ax.plot(part["L"], part["flops_ratio"], "-o", label=label)
+    ranks = sorted(set(table.loc[table["ceiling_ratio"].notna(), "rank"]))
+    for rank in ranks:
+        value = table.loc[table["rank"] == rank, "ceiling_ratio"].dropna().iloc[0]
+        flops_ax.axhline(value, color="grey", linestyle=":", linewidth=1)
+        flops_ax.annotate(
+            f"ceiling r={rank}: {value:.3f}",
+            (table["L"].min(), value),
+            fontsize=7,
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
+    flops_ax.set_xscale("log", base=2)
+    flops_ax.set_xlabel("sequence length L")
+    flops_ax.set_ylabel("executed attention FLOPs / full attention")
+    flops_ax.set_title("executed FLOPs (basis search included)")
+    time_ax.set_xscale("log", base=2)
+    time_ax.set_yscale("log")
+    time_ax.set_xlabel("sequence length L")
+    time_ax.set_ylabel("wall time (ms, median)")
+    time_ax.set_title(title)
+    for ax in (flops_ax, time_ax):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> Path:
+    """Measure, then write the CSV, the Markdown, the plot and the configuration."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    kernels = lowrank_kernels(args)
+    rows = measure(args, kernels)
+    device_type = torch.device(args.device).type
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"flops_scaling_{device_type}"
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(stem.with_suffix(".csv"), index=False)
+    table = pd.read_csv(stem.with_suffix(".csv"))
+    header = (
+        f"One attention layer, {args.heads} query heads, {args.kv_heads} kv heads, "
+        f"d={args.head_dim}, batch 1, causal, float32, random Q/K/V; device {device_type} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads). time: median of {args.repeats} timed calls after "
+        f"{args.warmup} untimed; sdpa: torch scaled_dot_product_attention, eager: the model's "
+        "eager full attention. FLOPs: executed, from drrl_env.flops (dense causal count, basis "
+        "search included); ceiling: 1 - (d - r)/(2d), the lowest ratio any rank-r kernel can "
+        "reach (A V keeps its full cost).\n\n"
+    )
+    (stem.with_suffix(".md")).write_text(header + to_markdown(table))
+    plot(table, stem.with_suffix(".png"), f"wall time, {device_type}")
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "kernels": [list(kernel) for kernel in kernels],
+        "torch": torch.__version__,
+        "device": device_type,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "wall_s": time.perf_counter() - started,
+    }
+    (args.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(header + to_markdown(table))
+    return stem.with_suffix(".csv")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

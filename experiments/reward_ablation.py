@@ -1,0 +1,281 @@
+"""Reward-weight ablation: how the learned trade-off moves with beta (FLOPs) and gamma.
+
+``reward = alpha * fidelity - beta * flops_ratio - gamma * perturbation``. For each
+``(beta, gamma)`` pair, one agent per seed is trained on the cached train env with those
+weights, then evaluated on the held-out eval windows (cached backend by default, ``--live`` for
+the closed loop and real perplexity). The default pairs are the paper's ablation: the default
+weights, no perturbation term (``gamma = 0``), no FLOPs term (``beta = 0``), and a weaker and a
+stronger FLOPs weight. Each episode's return is measured under its own setting's weights, so
+returns do not compare across settings; ranks, FLOPs reduction, fidelity and perturbation do.
+
+Writes under ``out_dir/<method>/``: ``per_window.csv`` (leaderboard rows with ``beta``,
+``gamma``, ``seed``; replayable), ``ablation.csv`` (one row per setting), ``ablation.md``
+(generated from ``ablation.csv``), ``ablation.png`` (FLOPs reduction vs fidelity, one labelled
+point per setting), the trained models, TensorBoard logs and ``config.json``.
+
+    python experiments/reward_ablation.py --total-timesteps 20000
+    python experiments/reward_ablation.py --settings 0.5 0.1 0.5 0 0 0.1 --live
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import pandas as pd
+import torch
+import tyro
+from rich.console import Console
+from rich.progress import Progress
+
+import drrl_env  # noqa: F401 (registers the ids)
+from agents import RankMetricsCallback, evaluate_policy_on_windows, make_agent, save_agent
+from agents.reporting import markdown_from_frame, summary_table
+from drrl_env.envs.config import EnvConfig
+from drrl_env.rewards import RewardWeights
+
+console = Console()
+
+COLUMNS = (
+    "beta",
+    "gamma",
+    "terms",
+    "policy",
+    "mean_rank",
+    "flops_reduction_pct",
+    "flops_reduction_pct_std",
+    "mean_fidelity",
+    "mean_fidelity_std",
+    "mean_perturbation",
+    "return",
+    "perplexity",
+    "delta_ppl_pct",
+    "seeds",
+    "windows",
+)
+MARKDOWN_COLUMNS = (
+    ("beta", "beta", "{:g}"),
+    ("gamma", "gamma", "{:g}"),
+    ("reward terms", "terms", "{}"),
+    ("mean rank", "mean_rank", "{:.1f}"),
+    ("FLOPs reduction", "flops_reduction_pct", "{:.1f} %"),
+    ("± (seeds)", "flops_reduction_pct_std", "{:.1f}"),
+    ("fidelity", "mean_fidelity", "{:.4f}"),
+    ("± (seeds)", "mean_fidelity_std", "{:.4f}"),
+    ("perturbation", "mean_perturbation", "{:.3f}"),
+    ("return (own weights)", "return", "{:.2f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("Δ ppl vs full", "delta_ppl_pct", "{:+.2f} %"),
+    ("seeds", "seeds", "{}"),
+    ("windows", "windows", "{}"),
+)
+"""``(header, ablation.csv column, format)`` of ``ablation.md``."""
+
+
+@dataclass(frozen=True)
+class Args:
+    """Reward-weight ablation: one agent per (beta, gamma) setting, evaluated on eval windows."""
+
+    env_id: str = "DRRL-Wikitext-v0"
+    """Registered environment id (its model, data and segments)."""
+    method: str | None = None
+    """Low-rank method; None keeps the environment's."""
+    settings: tuple[tuple[float, float], ...] = (
+        (0.5, 0.1),
+        (0.5, 0.0),
+        (0.0, 0.1),
+        (0.25, 0.1),
+        (1.0, 0.1),
+    )
+    """(beta, gamma) pairs, flat on the command line: ``--settings 0.5 0.1 0.5 0``."""
+    agent: str = "ppo:mlp"
+    """``algo:policy`` trained for every setting."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds of every setting."""
+    total_timesteps: int = 20_000
+    """Training steps per setting and seed."""
+    train_windows: int = 16
+    """Train-split windows in the cached training env."""
+    eval_windows: int = 4
+    """Held-out eval windows every agent is evaluated on."""
+    live: bool = False
+    """Evaluate on the live backend (closed loop, perplexity) instead of the cached one."""
+    out_dir: Path = Path("results/reward_ablation")
+    """Parent folder; files go to ``out_dir/<method>/``."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the model (cuda when present, else cpu)."""
+    threads: int = 2
+    """Torch threads."""
+
+
+def setting_name(beta: float, gamma: float) -> str:
+    """The ``policy`` name of a setting's agent."""
+    return f"beta={beta:g} gamma={gamma:g}"
+
+
+def terms_of(beta: float, gamma: float) -> str:
+    """Which reward terms a setting keeps, named against the default weights."""
+    default = RewardWeights()
+    if (beta, gamma) == (default.beta, default.gamma):
+        return "default"
+    if beta == 0 and gamma == 0:
+        return "fidelity only"
+    if gamma == 0:
+        return "no perturbation term"
+    if beta == 0:
+        return "no FLOPs term"
+    return "all terms"
+
+
+def train(args: Args, method: str, beta: float, gamma: float, seed: int, out: Path):
+    """Train one agent on the cached train env with these weights; returns the model."""
+    algo, _, policy = args.agent.partition(":")
+    env = gym.make(
+        args.env_id,
+        method=method,
+        split="train",
+        max_windows=args.train_windows,
+        beta=beta,
+        gamma=gamma,
+        device=args.device,
+    )
+    model = make_agent(algo, env, policy or "mlp", seed=seed, tensorboard_log=out / "tensorboard")
+    name = f"beta{beta:g}_gamma{gamma:g}__{seed}"
+    model.learn(args.total_timesteps, callback=RankMetricsCallback(), tb_log_name=name)
+    save_agent(model, out / "models" / name)
+    return model
+
+
+def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: window and seed means, standard deviations over seeds."""
+    frame = per_window.assign(
+        policy=[setting_name(b, g) for b, g in per_window[["beta", "gamma"]].to_numpy()]
+    )
+    table = summary_table(frame).set_index("policy")
+    per_seed = frame.groupby(["policy", "seed"], sort=False)[
+        ["mean_fidelity", "mean_perturbation", "beta", "gamma"]
+    ].mean()
+    settings = per_seed.groupby(level="policy", sort=False)
+    table["mean_fidelity_std"] = settings["mean_fidelity"].std(ddof=0)
+    table[["mean_perturbation", "beta", "gamma"]] = settings[
+        ["mean_perturbation", "beta", "gamma"]
+    ].mean()
+    table["terms"] = [terms_of(b, g) for b, g in zip(table["beta"], table["gamma"], strict=True)]
+    return table.reset_index()[list(COLUMNS)]
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """``ablation.md``'s table, from ``ablation.csv`` read back."""
+    return markdown_from_frame(table, MARKDOWN_COLUMNS)
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """FLOPs reduction against fidelity, one labelled point per setting (± over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    seen: dict[tuple[float, float], int] = {}  # labels of coinciding points are stacked
+    for _, row in table.iterrows():
+        point = (round(row["mean_fidelity"], 6), round(row["flops_reduction_pct"], 4))
+        stacked = seen[point] = seen.get(point, -1) + 1
+        ax.errorbar(
+            row["mean_fidelity"],
+            row["flops_reduction_pct"],
+            xerr=row["mean_fidelity_std"] or None,
+            yerr=row["flops_reduction_pct_std"] or None,
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(
+            f"β={row['beta']:g}, γ={row['gamma']:g}\n({row['terms']})",
+            (row["mean_fidelity"], row["flops_reduction_pct"]),
+            fontsize=7,
+            xytext=(4, 4 + 20 * stacked),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("mean attention fidelity (cosine vs full rank)")
+    ax.set_ylabel("executed attention-FLOPs reduction (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> Path:
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    method = args.method or gym.spec(args.env_id).kwargs.get("method", EnvConfig.method)
+    out = args.out_dir / method
+    out.mkdir(parents=True, exist_ok=True)
+    backend = "live" if args.live else "cached"
+    jobs = [(beta, gamma, seed) for beta, gamma in args.settings for seed in args.seeds]
+    frames = []
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"{method}: train + evaluate", total=len(jobs))
+        for beta, gamma, seed in jobs:
+            model = train(args, method, beta, gamma, seed, out)
+            env = gym.make(
+                args.env_id,
+                method=method,
+                split="eval",
+                backend=backend,
+                max_windows=args.eval_windows,
+                beta=beta,
+                gamma=gamma,
+                device=args.device,
+            )
+            windows = list(range(env.unwrapped.backend.n_windows))
+            full_flops = float(
+                env.unwrapped.backend_flops_full_per_layer().sum() * env.unwrapped.n_layers
+            )
+            frame = evaluate_policy_on_windows(model, env, windows)
+            frames.append(
+                frame.assign(
+                    beta=beta,
+                    gamma=gamma,
+                    seed=seed,
+                    kind="rl",
+                    method=method,
+                    attention_flops_full=full_flops,
+                )
+            )
+            progress.advance(task)
+    per_window = pd.concat(frames, ignore_index=True)
+    per_window.to_csv(out / "per_window.csv", index=False)
+    table = ablation_table(per_window)
+    table.to_csv(out / "ablation.csv", index=False)
+    alpha = RewardWeights().alpha
+    header = (
+        f"{args.env_id}, method {method}, agent {args.agent}, {args.total_timesteps} steps on "
+        f"{args.train_windows} train windows, evaluated on {len(windows)} eval windows "
+        f"({backend} backend); reward = {alpha:g} * fidelity - beta * FLOPs ratio - gamma * "
+        "perturbation. Returns are under each setting's own weights and do not compare "
+        "across rows.\n\n"
+    )
+    (out / "ablation.md").write_text(header + to_markdown(pd.read_csv(out / "ablation.csv")))
+    plot(table, out / "ablation.png", f"{args.env_id}, {method}: reward-weight ablation")
+    config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "method": method,
+        "backend": backend,
+        "windows": windows,
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    console.print((out / "ablation.md").read_text())
+    console.print(f"wrote {out} in {config['wall_s']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

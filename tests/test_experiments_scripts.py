@@ -1,0 +1,315 @@
+"""Smoke runs of the experiment scripts on the tiny model: every output exists and parses.
+
+Each script runs as a subprocess with a fresh cache folder and one torch thread; every
+Markdown table it writes must equal the table regenerated from its CSV by the script's own
+renderer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import gymnasium as gym
+import pandas as pd
+import pytest
+
+import drrl_env  # noqa: F401 (registers the ids)
+from agents import evaluate_policy_on_windows, make_agent, read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY_RANKS = tuple(range(8, 65, 8))
+
+
+def load_script(relative: str) -> ModuleType:
+    """Import a script (experiments/ is not a package) to reach its renderers."""
+    path = ROOT / relative
+    name = f"script_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_script(relative: str, args: list[str], cache: Path) -> None:
+    env = {
+        **os.environ,
+        "DRRL_CACHE_DIR": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / relative), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG
+
+
+def assert_markdown_from_csv(md_path: Path, table: str, rows: int) -> None:
+    """The Markdown file ends with ``table`` (regenerated from the CSV), one line per row."""
+    text = md_path.read_text()
+    assert text.endswith(table), text
+    assert len(table.strip().splitlines()) == rows + 2
+
+
+# -- experiments/flops_scaling.py ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flops_dir(tmp_path_factory, cache) -> Path:
+    out = tmp_path_factory.mktemp("flops_scaling")
+    args = ["--lengths", "64", "128", "--ranks", "8", "16", "--repeats", "1", "--warmup", "0"]
+    run_script(
+        "experiments/flops_scaling.py",
+        [*args, "--device", "cpu", "--threads", "1", "--out-dir", str(out)],
+        cache,
+    )
+    return out
+
+
+def test_flops_scaling_outputs(flops_dir):
+    script = load_script("experiments/flops_scaling.py")
+    csv = flops_dir / "flops_scaling_cpu.csv"
+    table = pd.read_csv(csv)
+    assert list(table.columns) == list(script.COLUMNS)
+    assert len(table) == 2 * (2 + 3 * 2)
+    assert set(table["kernel"]) == {"sdpa", "eager", "gram", "svd", "calibrated"}
+    assert (table["time_ms"] > 0).all()
+    full = table[table["kernel"].isin(["sdpa", "eager"])]
+    assert (full["flops_ratio"] == 1.0).all() and full["ceiling_ratio"].isna().all()
+    lowrank = table[~table["kernel"].isin(["sdpa", "eager"])]
+    assert (lowrank["ceiling_ratio"] == 1 - (64 - lowrank["rank"]) / 128).all()
+    assert (lowrank["flops_ratio"] >= lowrank["ceiling_ratio"]).all()  # nothing beats the bound
+    assert_markdown_from_csv(flops_dir / "flops_scaling_cpu.md", script.to_markdown(table), 16)
+    assert_png(flops_dir / "flops_scaling_cpu.png")
+    config = json.loads((flops_dir / "config.json").read_text())
+    assert config["args"]["lengths"] == [64, 128]
+
+
+def test_flops_scaling_ranks_from_summary(tmp_path):
+    script = load_script("experiments/flops_scaling.py")
+    summary = pd.DataFrame(
+        {
+            "method": ["gram", "gram", "svd", "gram"],
+            "policy": ["ppo_mlp", "dqn_mlp", "ppo_mlp", "static_16"],
+            "kind": ["rl", "rl", "rl", "baseline"],
+            "mean_rank": [23.6, 24.4, 40.2, 16.0],
+        }
+    )
+    path = tmp_path / "summary.csv"
+    summary.to_csv(path, index=False)
+    kernels = script.lowrank_kernels(script.Args(from_summary=path))
+    assert kernels == [("gram", 24, "ppo_mlp dqn_mlp"), ("svd", 40, "ppo_mlp")]
+    summary[summary["kind"] == "baseline"].to_csv(path, index=False)
+    with pytest.raises(ValueError, match="no RL row"):
+        script.lowrank_kernels(script.Args(from_summary=path))
+
+
+# -- experiments/pareto.py ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agents_csv(tmp_path_factory, cache) -> Path:
+    """A per_window.csv with the columns experiments/compare_agents.py writes (untrained PPO)."""
+    live = gym.make(
+        "DRRL-Tiny-v0",
+        split="eval",
+        backend="live",
+        max_windows=2,
+        cache_dir=str(cache),
+    )
+    full_flops = float(
+        live.unwrapped.backend_flops_full_per_layer().sum() * live.unwrapped.n_layers
+    )
+    frames = []
+    for seed in (0, 1):
+        model = make_agent("ppo", live, "mlp", seed=seed)
+        frame = evaluate_policy_on_windows(model, live, [0, 1], name="ppo_mlp")
+        frames.append(frame.assign(seed=seed, kind="rl"))
+    path = tmp_path_factory.mktemp("agents") / "per_window.csv"
+    pd.concat(frames, ignore_index=True).assign(
+        method="calibrated", attention_flops_full=full_flops
+    ).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pareto_dir(tmp_path_factory, cache, agents_csv) -> Path:
+    out = tmp_path_factory.mktemp("pareto")
+    run_script(
+        "experiments/pareto.py",
+        [
+            "--env-id",
+            "DRRL-Tiny-v0",
+            "--method",
+            "calibrated",
+            "--eval-windows",
+            "2",
+            "--energy-taus",
+            "0.9",
+            "0.99",
+            "--agents-csv",
+            str(agents_csv),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(out),
+        ],
+        cache,
+    )
+    return out / "calibrated"
+
+
+def test_pareto_outputs(pareto_dir):
+    from agents.reporting import pareto_front
+
+    script = load_script("experiments/pareto.py")
+    front = pd.read_csv(pareto_dir / "front.csv")
+    statics = {f"static_{r}" for r in TINY_RANKS[:-1]}
+    assert set(front["policy"]) == {"full_rank", *statics, "energy_0.9", "energy_0.99", "ppo_mlp"}
+    assert dict(zip(front["policy"], front["family"], strict=True))["ppo_mlp"] == "rl"
+    agent = front[front["policy"] == "ppo_mlp"].iloc[0]
+    assert agent["seeds"] == 2 and agent["windows"] == 2
+    full = front[front["policy"] == "full_rank"].iloc[0]
+    assert full["delta_ppl_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert full["flops_reduction_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert front["pareto"].dtype == bool and front["pareto"].any()
+    expected = pareto_front(front, "flops_reduction_pct", "delta_ppl_pct")
+    assert front["pareto"].tolist() == expected.tolist()
+    assert front["undominated_by_baselines"].dtype == bool
+    assert_markdown_from_csv(pareto_dir / "front.md", script.to_markdown(front), len(front))
+    assert_png(pareto_dir / "pareto.png")
+    per_window = read_csv(pareto_dir / "per_window.csv")
+    assert len(per_window) == 2 * (len(front) - 1) and per_window["perplexity"].notna().all()
+    config = json.loads((pareto_dir / "config.json").read_text())
+    assert config["windows"] == [0, 1] and config["env"]["backend"] == "live"
+
+
+# -- experiments/reward_ablation.py -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ablation_dir(tmp_path_factory, cache) -> Path:
+    out = tmp_path_factory.mktemp("ablation")
+    run_script(
+        "experiments/reward_ablation.py",
+        [
+            "--env-id",
+            "DRRL-Tiny-v0",
+            "--settings",
+            "0.5",
+            "0.1",
+            "0.5",
+            "0",
+            "0",
+            "0.1",
+            "--total-timesteps",
+            "256",
+            "--train-windows",
+            "2",
+            "--eval-windows",
+            "2",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(out),
+        ],
+        cache,
+    )
+    return out / "calibrated"
+
+
+def test_reward_ablation_outputs(ablation_dir):
+    script = load_script("experiments/reward_ablation.py")
+    table = pd.read_csv(ablation_dir / "ablation.csv")
+    assert list(table.columns) == list(script.COLUMNS)
+    assert list(zip(table["beta"], table["gamma"], strict=True)) == [(0.5, 0.1), (0.5, 0), (0, 0.1)]
+    assert list(table["terms"]) == ["default", "no perturbation term", "no FLOPs term"]
+    assert table["perplexity"].isna().all()  # cached backend: no perplexity
+    assert table["mean_fidelity"].between(0, 1).all() and (table["windows"] == 2).all()
+    assert_markdown_from_csv(ablation_dir / "ablation.md", script.to_markdown(table), 3)
+    assert_png(ablation_dir / "ablation.png")
+    per_window = read_csv(ablation_dir / "per_window.csv")
+    assert len(per_window) == 3 * 2
+    weights = [json.loads(c) for c in per_window["env_config"]]
+    assert [(w["beta"], w["gamma"]) for w in weights[::2]] == [(0.5, 0.1), (0.5, 0), (0, 0.1)]
+    assert len(list((ablation_dir / "models").glob("*.zip"))) == 3
+    assert json.loads((ablation_dir / "config.json").read_text())["backend"] == "cached"
+
+
+# -- experiments/uniform_rank_table.py and experiments/reward_landscape.py ------------------------
+
+
+def test_uniform_rank_table_outputs(tmp_path, cache):
+    script = load_script("experiments/uniform_rank_table.py")
+    run_script(
+        "experiments/uniform_rank_table.py",
+        [
+            "--model",
+            "tiny-llama",
+            "--seq-len",
+            "128",
+            "--segment-length",
+            "64",
+            "--n-windows",
+            "1",
+            "--ranks",
+            "16",
+            "64",
+            "--calibration-windows",
+            "1",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cache,
+    )
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table.columns) == list(script.COLUMNS)
+    assert len(table) == 1 + 3 * 2
+    assert (table.loc[table["rank"] == 64, "ppl_vs_full"] == 0).all()
+    markdown = script.markdown_from_csv(tmp_path / "table.csv", head_dim=64)
+    assert (tmp_path / "table.md").read_text() == markdown
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["head_dim"] == 64
+
+
+def test_reward_landscape_outputs(tmp_path, cache):
+    script = load_script("experiments/reward_landscape.py")
+    run_script(
+        "experiments/reward_landscape.py",
+        ["--env-id", "DRRL-Tiny-v0", "--out-dir", str(tmp_path)],
+        cache,
+    )
+    table = pd.read_csv(tmp_path / "landscape.csv")
+    statics = [f"static_{r}" for r in TINY_RANKS[:-1]]
+    assert list(table["policy"]) == ["full_rank", *statics, "energy_0.95", "greedy_oracle"]
+    text = (tmp_path / "landscape.md").read_text()
+    assert text.endswith(script.to_markdown(table) + "\n")
+    assert len(script.to_markdown(table).splitlines()) == len(table) + 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["env"]["model"] == "tiny-llama"
