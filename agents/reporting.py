@@ -153,11 +153,7 @@ def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(f"method = {method}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(
@@ -312,11 +308,7 @@ def front_plot(front: pd.DataFrame, path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _error(value: object) -> float | None:
@@ -324,3 +316,14 @@ def _error(value: object) -> float | None:
     if value is None or not np.isfinite(float(value)) or float(value) == 0:
         return None
     return float(value)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
