@@ -25,7 +25,7 @@ from drrl_env.lm.attention import (
     svd_attention,
 )
 from drrl_env.lm.models import load_model
-from drrl_env.lm.runner import run_window
+from drrl_env.lm.runner import forward_with_cache, run_window
 from drrl_env.spectra import normalize_spectrum
 
 TOL = 1e-5
@@ -351,8 +351,7 @@ def test_key_gram_over_model_kv_cache(tiny_llama):
     cache = None
     try:
         for start in range(0, 30, 12):
-            out = lm.model(input_ids=ids[:, start : start + 12], past_key_values=cache)
-            cache = out.past_key_values
+            _, cache = forward_with_cache(lm.model, ids[:, start : start + 12], cache)
     finally:
         controller.detach(lm.model)
     for layer in range(lm.n_layers):

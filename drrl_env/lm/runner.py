@@ -12,6 +12,7 @@ the model's forward pass is suspended (a greenlet) at each layer until the rank 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,21 @@ def _check_segment_length(segment_length: int) -> int:
     return int(segment_length)
 
 
+def forward_with_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache):
+    """One forward pass over ``input_ids`` (B, T) continuing the KV ``cache`` (None to start).
+
+    transformers renamed the cache argument and output field ``past_key_values`` to
+    ``cache`` (the old name is deprecated); this uses whichever name the installed
+    version's ``forward`` takes.
+
+    Returns:
+        The model output and the updated cache.
+    """
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+    return out, getattr(out, name)
+
+
 def forward_segments(
     lm: LoadedModel,
     tokens,
@@ -144,8 +160,7 @@ def forward_segments(
         for segment, (start, stop) in enumerate(bounds):
             if on_segment is not None:
                 on_segment(segment)
-            out = lm.model(input_ids=ids[None, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out, cache = forward_with_cache(lm.model, ids[None, start:stop], cache)
             targets = ids[start + 1 : stop + 1]
             logits = out.logits[0, : targets.numel()].float()
             nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
