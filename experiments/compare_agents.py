@@ -27,6 +27,8 @@ from rich.progress import Progress
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import (
+    ALGOS,
+    POLICIES,
     GreedyOraclePolicy,
     RankMetricsCallback,
     SchedulePolicy,
@@ -37,6 +39,8 @@ from agents import (
 )
 from agents.evaluation import predict_action
 from agents.reporting import pareto_plot, summary_table, write_markdown
+from drrl_env.flops import METHODS
+from drrl_env.rewards import RewardWeights
 
 console = Console()
 
@@ -74,8 +78,39 @@ class Args:
     """Parent folder of the run folder."""
     run_name: str | None = None
     """Run folder name; default ``{env}__compare_agents__{seed}__{time}``."""
+    alpha: float = RewardWeights.alpha
+    """Reward weight of attention fidelity (training and evaluation envs)."""
+    beta: float = RewardWeights.beta
+    """Reward weight of the executed-FLOPs ratio."""
+    gamma: float = RewardWeights.gamma
+    """Reward weight of the rank-change perturbation."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the frozen model (cuda when present, else cpu)."""
     threads: int = 2
     """Torch threads."""
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method not in METHODS:
+                raise ValueError(f"methods: {method!r} is not one of {METHODS}")
+        for spec in self.agents:
+            algo, policy = parse_agent(spec)
+            if algo not in ALGOS or policy not in POLICIES:
+                raise ValueError(
+                    f"agents: {spec!r} is not algo:policy with algo in {tuple(ALGOS)} "
+                    f"and policy in {POLICIES}"
+                )
+        for name in ("total_timesteps", "train_windows", "eval_windows", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        RewardWeights(self.alpha, self.beta, self.gamma)  # validates the weights
+
+    def env_kwargs(self, method: str) -> dict:
+        """``gym.make`` keywords shared by the training and evaluation envs of ``method``."""
+        weights = {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
+        return {"method": method, "device": self.device, **weights}
 
     def resolved(self) -> Args:
         if not self.full:
@@ -100,7 +135,9 @@ def parse_agent(spec: str) -> tuple[str, str]:
 def train_agent(spec: str, method: str, seed: int, args: Args, run_dir: Path):
     """Train one agent on the cached train env; returns the model."""
     algo, policy = parse_agent(spec)
-    env = gym.make(args.env_id, method=method, split="train", max_windows=args.train_windows)
+    env = gym.make(
+        args.env_id, split="train", max_windows=args.train_windows, **args.env_kwargs(method)
+    )
     model = make_agent(algo, env, policy, seed=seed, tensorboard_log=run_dir / "tensorboard")
     model.learn(
         args.total_timesteps,
@@ -113,7 +150,9 @@ def train_agent(spec: str, method: str, seed: int, args: Args, run_dir: Path):
 
 def greedy_schedules(args: Args, method: str, windows: list[int]) -> dict[int, np.ndarray]:
     """The greedy oracle's ranks on the eval windows, looked up teacher-forced (cached)."""
-    env = gym.make(args.env_id, method=method, split="eval", max_windows=args.eval_windows)
+    env = gym.make(
+        args.env_id, split="eval", max_windows=args.eval_windows, **args.env_kwargs(method)
+    )
     oracle = GreedyOraclePolicy(env)
     schedules = {}
     for window in windows:
@@ -142,7 +181,11 @@ def baselines(live: gym.Env, args: Args, method: str, windows: list[int]) -> dic
 def run_method(method: str, args: Args, run_dir: Path, progress: Progress) -> pd.DataFrame:
     """Train the agents and evaluate everything for one method; the per-window frame."""
     live = gym.make(
-        args.env_id, method=method, split="eval", backend="live", max_windows=args.eval_windows
+        args.env_id,
+        split="eval",
+        backend="live",
+        max_windows=args.eval_windows,
+        **args.env_kwargs(method),
     )
     windows = list(range(live.unwrapped.backend.n_windows))
     full_flops = float(

@@ -49,6 +49,10 @@ def run_dir(tmp_path_factory):
         "smoke",
         "--threads",
         "1",
+        "--beta",
+        "0.25",
+        "--gamma",
+        "0.05",
     ]
     env = {**os.environ, "DRRL_CACHE_DIR": str(cache)}
     subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
@@ -95,5 +99,26 @@ def test_leaderboard_csv_replays(run_dir, cache_dir):
     frame = read_csv(path)
     assert frame["perplexity"].notna().all()
     config = json.loads(frame["env_config"].iloc[0])
+    assert (config["beta"], config["gamma"]) == (0.25, 0.05)  # the run's weights, not defaults
     env = live_env(**config, cache_dir=cache_dir)
     assert len(replay_csv(path, env)) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--agents", "ppo:mlp", "sac:mlp"], "agents: 'sac:mlp'"),
+        (["--agents", "ppo:cnn"], "agents: 'ppo:cnn'"),
+        (["--methods", "gram", "pca"], "methods: 'pca'"),
+        (["--total-timesteps", "0"], "total_timesteps must be >= 1"),
+        (["--beta", "-1"], "beta must be a non-negative number"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
+    command = [sys.executable, str(ROOT / "experiments" / "compare_agents.py"), *flags]
+    command += ["--out-dir", str(tmp_path)]
+    env = {**os.environ, "DRRL_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written or cached before the check"
