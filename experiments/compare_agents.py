@@ -61,7 +61,7 @@ class Args:
     """``algo:policy`` pairs trained."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds of every agent."""
-    total_timesteps: int = 10_000
+    total_timesteps: int = 30_000
     """Training steps per agent and seed."""
     train_windows: int = 16
     """Train-split windows in the cached training env."""
