@@ -85,7 +85,7 @@ class Args:
     """Low-rank kernels run at --ranks (``gram``, ``svd``, ``calibrated``)."""
     from_summary: Path | None = None
     """compare_agents ``summary.csv``: the rounded ``mean_rank`` of each RL row, with that row's
-    method, replaces --ranks and --methods."""
+    method, is run too (besides --ranks at each method of those rows, for reference)."""
     heads: int = 9
     """Query heads (SmolLM2-135M: 9)."""
     kv_heads: int = 3
@@ -122,6 +122,9 @@ def lowrank_kernels(args: Args) -> list[tuple[str, int, str]]:
     if rl.empty:
         raise ValueError(f"{args.from_summary} holds no RL row of a method in {LOWRANK_METHODS}")
     sources: dict[tuple[str, int], list[str]] = {}
+    for method in dict.fromkeys(rl["method"]):
+        for rank in args.ranks:
+            sources[(method, rank)] = ["--ranks"]
     for _, row in rl.iterrows():
         rank = min(max(round(float(row["mean_rank"])), 1), args.head_dim)
         sources.setdefault((row["method"], rank), []).append(str(row["policy"]))
@@ -189,6 +192,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     fig, (flops_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (kernel, rank), part in table.groupby(["kernel", "rank"], sort=False):
         label = kernel if kernel in ("sdpa", "eager") else f"{kernel} r={rank}"
+        agents = " ".join(n for n in str(part["source"].iloc[0]).split() if n != "--ranks")
+        if kernel not in ("sdpa", "eager") and agents:
+            label += f" ({agents})"
         style = {"sdpa": "k-o", "eager": "k--o"}.get(kernel, "-o")
         time_ax.plot(part["L"], part["time_ms"], style, label=label)
         if kernel == "sdpa":

@@ -119,8 +119,14 @@ def test_flops_scaling_ranks_from_summary(tmp_path):
     )
     path = tmp_path / "summary.csv"
     summary.to_csv(path, index=False)
-    kernels = script.lowrank_kernels(script.Args(from_summary=path))
-    assert kernels == [("gram", 24, "ppo_mlp dqn_mlp"), ("svd", 40, "ppo_mlp")]
+    kernels = script.lowrank_kernels(script.Args(from_summary=path, ranks=(16, 40)))
+    assert kernels == [
+        ("gram", 16, "--ranks"),
+        ("gram", 40, "--ranks"),
+        ("svd", 16, "--ranks"),
+        ("svd", 40, "--ranks ppo_mlp"),
+        ("gram", 24, "ppo_mlp dqn_mlp"),
+    ]
     summary[summary["kind"] == "baseline"].to_csv(path, index=False)
     with pytest.raises(ValueError, match="no RL row"):
         script.lowrank_kernels(script.Args(from_summary=path))
