@@ -33,6 +33,7 @@ from rich.progress import Progress
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import RankMetricsCallback, evaluate_policy_on_windows, make_agent, save_agent
+from agents.hyperparams import DISCOUNT
 from agents.reporting import markdown_from_frame, summary_table
 from drrl_env.envs.config import EnvConfig
 from drrl_env.rewards import RewardWeights
@@ -93,6 +94,8 @@ class Args:
     """(beta, gamma) pairs, flat on the command line: ``--settings 0.5 0.1 0.5 0``."""
     agent: str = "ppo:mlp"
     """``algo:policy`` trained for every setting."""
+    discount: float | None = None
+    """RL discount factor of the agent; None keeps its default (``agents.hyperparams``)."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds of every setting."""
     total_timesteps: int = 20_000
@@ -142,7 +145,10 @@ def train(args: Args, method: str, beta: float, gamma: float, seed: int, out: Pa
         gamma=gamma,
         device=args.device,
     )
-    model = make_agent(algo, env, policy or "mlp", seed=seed, tensorboard_log=out / "tensorboard")
+    overrides = {} if args.discount is None else {"gamma": args.discount}
+    model = make_agent(
+        algo, env, policy or "mlp", seed=seed, tensorboard_log=out / "tensorboard", **overrides
+    )
     name = f"beta{beta:g}_gamma{gamma:g}__{seed}"
     model.learn(args.total_timesteps, callback=RankMetricsCallback(), tb_log_name=name)
     save_agent(model, out / "models" / name)
@@ -253,8 +259,10 @@ def main(args: Args) -> Path:
     table = ablation_table(per_window)
     table.to_csv(out / "ablation.csv", index=False)
     alpha = RewardWeights().alpha
+    discount = DISCOUNT if args.discount is None else args.discount
     header = (
-        f"{args.env_id}, method {method}, agent {args.agent}, {args.total_timesteps} steps on "
+        f"{args.env_id}, method {method}, agent {args.agent} (discount {discount:g}), "
+        f"{args.total_timesteps} steps on "
         f"{args.train_windows} train windows, evaluated on {len(windows)} eval windows "
         f"({backend} backend); reward = {alpha:g} * fidelity - beta * FLOPs ratio - gamma * "
         "perturbation. Returns are under each setting's own weights and do not compare "

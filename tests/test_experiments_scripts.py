@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import drrl_env  # noqa: F401 (registers the ids)
-from agents import evaluate_policy_on_windows, make_agent, read_csv
+from agents import evaluate_policy_on_windows, load_agent, make_agent, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -240,6 +240,8 @@ def ablation_dir(tmp_path_factory, cache) -> Path:
             "2",
             "--threads",
             "1",
+            "--discount",
+            "0.9",
             "--out-dir",
             str(out),
         ],
@@ -262,7 +264,10 @@ def test_reward_ablation_outputs(ablation_dir):
     assert len(per_window) == 3 * 2
     weights = [json.loads(c) for c in per_window["env_config"]]
     assert [(w["beta"], w["gamma"]) for w in weights[::2]] == [(0.5, 0.1), (0.5, 0), (0, 0.1)]
-    assert len(list((ablation_dir / "models").glob("*.zip"))) == 3
+    models = sorted((ablation_dir / "models").glob("*.zip"))
+    assert len(models) == 3
+    assert load_agent(models[0]).gamma == 0.9  # --discount reached the agent
+    assert "ppo:mlp (discount 0.9)" in (ablation_dir / "ablation.md").read_text()
     assert json.loads((ablation_dir / "config.json").read_text())["backend"] == "cached"
 
 
