@@ -109,6 +109,39 @@ def write_markdown(summary: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+SYMLOG_ABOVE_PCT = 10.0
+"""Perplexity changes beyond this many percent put the Pareto plot's y axis on symlog."""
+TARGET_BAND_PCT = 1.0
+"""The perplexity increase marked on the Pareto plot: the band a useful policy stays in."""
+
+
+def ppl_axis_scale(delta_ppl_pct: pd.Series) -> str:
+    """``symlog`` when perplexity changes span more than :data:`SYMLOG_ABOVE_PCT`, else linear.
+
+    A symlog axis keeps +1 % and +900 % readable on one plot; when every change is small
+    (a tiny model, near-full ranks) its linear region would hold all points with odd ticks.
+    """
+    return "symlog" if float(delta_ppl_pct.abs().max()) > SYMLOG_ABOVE_PCT else "linear"
+
+
+def ppl_axes(ax, delta_ppl_pct: pd.Series) -> None:
+    """Labels the FLOPs-reduction / perplexity-increase axes, scales y, marks the +1 % band."""
+    if ppl_axis_scale(delta_ppl_pct) == "symlog":
+        ax.set_yscale("symlog", linthresh=1.0)
+    if float(delta_ppl_pct.max()) > TARGET_BAND_PCT:
+        ax.axhline(TARGET_BAND_PCT, color="black", linestyle=":", linewidth=0.8)
+        ax.annotate(
+            f"+{TARGET_BAND_PCT:g} % perplexity",
+            (1.0, TARGET_BAND_PCT),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xlabel("executed attention-FLOPs reduction (%)")
+    ax.set_ylabel("perplexity increase vs full rank (%)")
+
+
 def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
     """Executed attention-FLOPs reduction vs perplexity increase, one panel per method."""
     import matplotlib
@@ -147,9 +180,7 @@ def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
                 capsize=3,
                 label=row["policy"],
             )
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_xlabel("executed attention-FLOPs reduction (%)")
-        ax.set_ylabel("perplexity increase vs full rank (%)")
+        ppl_axes(ax, part["delta_ppl_pct"])
         ax.set_title(f"method = {method}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -302,9 +333,7 @@ def front_plot(front: pd.DataFrame, path: str | Path, title: str) -> Path:
         label="non-dominated",
         zorder=3,
     )
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("executed attention-FLOPs reduction (%)")
-    ax.set_ylabel("perplexity increase vs full rank (%)")
+    ppl_axes(ax, front["delta_ppl_pct"])
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

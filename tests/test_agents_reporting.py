@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents.reporting import front_plot, markdown_from_frame, pareto_front, undominated_by
+from agents.reporting import (
+    front_plot,
+    markdown_from_frame,
+    pareto_front,
+    ppl_axis_scale,
+    undominated_by,
+)
 
 
 def _points(pairs: list[tuple[float, float]]) -> pd.DataFrame:
@@ -93,3 +99,16 @@ def test_front_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize("pairs", [[(1, 1)], [(1, 1), (1, 1)]])
 def test_single_and_duplicate_points_are_on_the_front(pairs):
     assert pareto_front(_points(pairs), "saving", "loss").all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "scale"),
+    [
+        ([0.0, -0.33, 0.13], "linear"),  # all inside +-10 %: a plain axis
+        ([0.0, 1.2, 9.9], "linear"),
+        ([0.0, 0.6, 90.1], "symlog"),  # +0.6 % and +90 % on one axis
+        ([0.0, -12.0], "symlog"),
+    ],
+)
+def test_ppl_axis_is_symlog_only_for_wide_spans(changes, scale):
+    assert ppl_axis_scale(pd.Series(changes)) == scale
