@@ -33,6 +33,8 @@ class Args:
     """Torch threads (the live backend runs the model)."""
     seed: int = 0
     """Seed of the random actions."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the model (cuda when present, else cpu)."""
 
 
 def steps_per_second(env: gym.Env, steps: int, seed: int) -> tuple[float, int]:
@@ -53,14 +55,14 @@ def main(args: Args) -> None:
     config = EnvConfig(**{**gym.spec(args.env_id).kwargs, "backend": "cached"})
     built = not CachedRollouts.path(config).is_file()
     start = time.perf_counter()
-    cached = gym.make(args.env_id, backend="cached").unwrapped
+    cached = gym.make(args.env_id, backend="cached", device=args.device).unwrapped
     setup = time.perf_counter() - start
     rate, steps = steps_per_second(cached, args.cached_steps, args.seed)
     print(
         f"cached: {rate:,.0f} steps/s over {steps:,} steps "
         f"(setup {setup:.1f} s{', cache built' if built else ', cache loaded'})"
     )
-    live = gym.make(args.env_id, backend="live").unwrapped
+    live = gym.make(args.env_id, backend="live", device=args.device).unwrapped
     episode = live.n_segments * live.n_layers
     live_rate, live_steps = steps_per_second(live, episode * args.live_episodes, args.seed)
     print(f"live: {live_rate:,.1f} steps/s over {live_steps} steps")

@@ -19,6 +19,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pandas as pd
+import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
@@ -35,6 +36,8 @@ class Args:
     """FLOPs weight; None keeps the environment default."""
     gamma: float | None = None
     """Perturbation weight; None keeps the environment default."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the model when the cache has to be built (cuda when present)."""
     out_dir: str = "results/reward_landscape"
     """Output folder."""
 
@@ -81,7 +84,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def main(args: Args) -> pd.DataFrame:
     weights = {k: v for k, v in (("beta", args.beta), ("gamma", args.gamma)) if v is not None}
-    env = gym.make(args.env_id, backend="cached", split=args.split, **weights)
+    env = gym.make(args.env_id, backend="cached", split=args.split, device=args.device, **weights)
     table = landscape(env)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
