@@ -13,8 +13,8 @@ problem is close to a contextual bandit: each step's reward is charged at once (
 perturbation of a rank change included, and the previous rank is in the observation), and
 the profit of a good rank over full rank is a few thousandths of a reward unit. With 0.99
 that signal drowns in the noise of about a hundred future stochastic rewards; on the SmolLM2
-env PPO then collapsed to rank 8 everywhere (a worse return than full rank) and, with the
-FLOPs term off, failed to find full rank, the trivially optimal policy
+env PPO then collapsed to rank 8 at ``beta = 0.3`` (a worse return than full rank) and, with
+the FLOPs term off, failed to find full rank, the trivially optimal policy
 (``experiments/reward_ablation.py``; README, "Reward weights").
 """
 
