@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from drrl_env.envs.observation import ObservationLayout
+from drrl_env.methods.base import Setting
 
 
 class BaselinePolicy:
@@ -85,29 +86,40 @@ class BaselinePolicy:
 
 
 class StaticRankPolicy(BaselinePolicy):
-    """The same rank at every step.
+    """The same action at every step: a rank (and, on a pair grid, a keep fraction).
+
+    Args:
+        env: The env it acts in.
+        rank: A rank of the grid.
+        keep: The keep fraction, needed when the grid pairs ranks with several keeps.
 
     Raises:
-        ValueError: ``rank`` is not in the env's grid (the message lists the grid).
+        ValueError: The setting is not in the env's grid (the message lists the grid).
     """
 
-    def __init__(self, env: gym.Env, rank: int) -> None:
+    def __init__(self, env: gym.Env, rank: int, keep: float | None = None) -> None:
         super().__init__(env)
-        if rank not in self.ranks:
+        grid = dynamic_rank_env(env).actions
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, int | np.integer)
+            or rank not in grid.ranks
+        ):
             raise ValueError(f"rank={rank!r} is not in the env's grid {self.ranks}")
+        self.action = grid.index(rank if keep is None else Setting(int(rank), float(keep)))
         self.rank = int(rank)
-        self.action = self.ranks.index(self.rank)
-        self.name = f"static_{self.rank}"
+        self.name = f"static_{grid.settings[self.action].label()[1:]}"
 
     def choose(self, observation: np.ndarray) -> int:
         return self.action
 
 
 class FullRankPolicy(StaticRankPolicy):
-    """Exact attention: the full rank (the last action) at every step."""
+    """Exact attention: the last action at every step."""
 
     def __init__(self, env: gym.Env) -> None:
-        super().__init__(env, dynamic_rank_env(env).ranks[-1])
+        base = dynamic_rank_env(env)
+        super().__init__(env, base.actions.settings[-1].rank, base.actions.settings[-1].keep)
         self.name = "full_rank"
 
 
@@ -195,18 +207,18 @@ class GreedyOraclePolicy(BaselinePolicy):
 
 
 class SchedulePolicy(BaselinePolicy):
-    """Plays a fixed rank schedule per window, e.g. one found on another backend.
+    """Plays a fixed action schedule per window, e.g. one found on another backend.
 
     It reads the window and the step of the env it was built with, so, like the greedy
     oracle, it acts on that env only, one observation at a time.
 
     Args:
         env: The env it acts in.
-        schedules: Window index -> (segments, layers) ranks from the env's grid.
+        schedules: Window index -> (segments, layers) action indices of the env's grid.
         name: The leaderboard name.
 
     Raises:
-        ValueError: A schedule has the wrong shape or a rank outside the grid.
+        ValueError: A schedule has the wrong shape or an action outside the grid.
     """
 
     def __init__(self, env: gym.Env, schedules: dict[int, np.ndarray], name: str) -> None:
@@ -214,14 +226,18 @@ class SchedulePolicy(BaselinePolicy):
         self.env = env.unwrapped
         shape = (self.env.n_segments, self.env.n_layers)
         self.actions: dict[int, np.ndarray] = {}
-        for window, ranks in schedules.items():
-            table = np.asarray(ranks)
-            if table.shape != shape or not set(table.flatten().tolist()) <= set(self.ranks):
+        for window, actions in schedules.items():
+            table = np.asarray(actions)
+            if (
+                table.shape != shape
+                or not np.issubdtype(table.dtype, np.integer)
+                or not ((table >= 0) & (table < self.n_actions)).all()
+            ):
                 raise ValueError(
-                    f"schedule of window {window} must be a {shape} table of ranks from "
-                    f"{self.ranks}"
+                    f"schedule of window {window} must be a {shape} table of action indices "
+                    f"in 0..{self.n_actions - 1}"
                 )
-            self.actions[int(window)] = np.searchsorted(self.ranks, table).flatten()
+            self.actions[int(window)] = table.flatten()
         self.name = name
 
     def choose(self, observation: np.ndarray) -> int:
@@ -252,7 +268,8 @@ def standard_baselines(
 ) -> dict[str, BaselinePolicy]:
     """Full rank, every static rank, uniform random, energy thresholds and (cached) the oracle."""
     policies: list[BaselinePolicy] = [FullRankPolicy(env)]
-    policies += [StaticRankPolicy(env, rank) for rank in env.unwrapped.ranks[:-1]]
+    grid = env.unwrapped.actions
+    policies += [StaticRankPolicy(env, s.rank, s.keep) for s in grid.settings[:-1]]
     policies.append(UniformRandomPolicy(env, seed=seed))
     policies += [EnergyThresholdPolicy(env, tau) for tau in taus]
     if env.unwrapped.config.backend == "cached":

@@ -8,10 +8,13 @@ recompute it: the executed ranks, the requested ranks and the per-step rewards.
 each number of the row, raising :class:`~drrl_env.replay.ReplayMismatch` on a difference.
 
 Columns: ``policy``, ``window``, ``backend``, ``return``, ``mean_fidelity``, ``flops_ratio``,
-``flops_reduction``, ``mean_perturbation``, ``mean_rank``, ``masked_actions``, ``ranks``
-(JSON, segments x layers), ``requested_ranks`` (JSON, same shape), ``rewards`` (JSON, per
-step), ``perplexity`` and ``perplexity_full`` (live backend; empty on the cached one) and
-``env_config`` (JSON of the env configuration, cache folder and device left out).
+``flops_reduction``, ``mean_perturbation``, ``mean_rank``, ``masked_actions``, ``actions``
+and ``requested_actions`` (JSON, segments x layers), ``ranks`` and ``requested_ranks``
+(the ranks of those actions), ``rewards`` (JSON, per step), ``perplexity`` and
+``perplexity_full`` (live backend; empty on the cached one) and ``env_config`` (JSON of the
+env configuration, cache folder and device left out). Replay re-derives every number
+within the tolerances of :mod:`drrl_env.replay`: FLOPs and ranks exactly, measured
+numbers within the float32 run-to-run spread.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.baselines import BaselinePolicy, GreedyOraclePolicy
 from agents.factory import ALGO_ATTRIBUTE, POLICY_ATTRIBUTE, check_spaces_match
-from drrl_env.replay import ReplayMismatch, ReplayResult, validate
+from drrl_env.replay import (
+    EXACT,
+    PERPLEXITY_RTOL,
+    ReplayMismatch,
+    ReplayResult,
+    actions_of,
+    reward_tolerance,
+    validate,
+)
 
 Policy = BaseAlgorithm | BaselinePolicy
 
@@ -45,6 +56,8 @@ COLUMNS = (
     "mean_perturbation",
     "mean_rank",
     "masked_actions",
+    "actions",
+    "requested_actions",
     "ranks",
     "requested_ranks",
     "rewards",
@@ -97,7 +110,7 @@ def run_episode(policy: Policy, env: gym.Env, window: int, name: str) -> dict[st
             predict_action(policy, observation, env)
         )
         rewards.append(float(reward))
-        requested.append(int(info["requested_rank"]))
+        requested.append(int(info["requested_action"]))
         done = terminated or truncated
     if "episode_summary" not in info:
         raise RuntimeError(f"window {window}: the episode was cut before its last step")
@@ -175,7 +188,7 @@ def read_csv(csv_path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def replay_csv(csv_path: str | Path, env: gym.Env, rtol: float = 1e-9) -> pd.DataFrame:
+def replay_csv(csv_path: str | Path, env: gym.Env) -> pd.DataFrame:
     """Replay every row of a leaderboard CSV on ``env`` and re-derive each of its numbers.
 
     ``env`` must have the configuration the rows were produced with (backend included:
@@ -186,28 +199,32 @@ def replay_csv(csv_path: str | Path, env: gym.Env, rtol: float = 1e-9) -> pd.Dat
 
     Raises:
         ValueError: ``env``'s backend or configuration differs from the rows'.
-        ReplayMismatch: A recorded number is not reproduced within ``rtol``.
+        ReplayMismatch: A recorded number is not reproduced within its tolerance
+            (:func:`column_tolerance`).
     """
-    derived = [replay_row(record, env, rtol) for record in read_csv(csv_path).to_dict("records")]
+    derived = [replay_row(record, env) for record in read_csv(csv_path).to_dict("records")]
     return pd.DataFrame(derived, columns=["policy", "window", *DERIVED_COLUMNS])
 
 
-def replay_row(record: dict[str, Any], env: gym.Env, rtol: float = 1e-9) -> dict[str, Any]:
+def replay_row(record: dict[str, Any], env: gym.Env) -> dict[str, Any]:
     """Replay one leaderboard row and check every number it holds (see :func:`replay_csv`)."""
     base = env.unwrapped
     _check_row_env(record, base)
-    ranks = json.loads(record["ranks"])
-    perplexity = _optional(record["perplexity"])
+    if record.get("actions"):
+        actions = np.asarray(json.loads(record["actions"]))
+        requested = json.loads(record["requested_actions"])
+    else:  # rows written before actions were recorded: one action per rank
+        actions = actions_of(base, json.loads(record["ranks"]))
+        requested = actions_of(base, json.loads(record["requested_ranks"])).tolist()
     result = validate(
         base,
         int(record["window"]),
-        ranks,
+        actions,
         rewards=json.loads(record["rewards"]),
-        perplexity=perplexity,
-        rtol=rtol,
+        perplexity=_optional(record["perplexity"]),
     )
-    derived = _derived(result, json.loads(record["requested_ranks"]))
-    _compare(record, derived, rtol)
+    derived = _derived(result, requested)
+    _compare(record, derived, base.steps)
     return {"policy": record["policy"], "window": int(record["window"]), **derived}
 
 
@@ -227,7 +244,8 @@ def _row(
     name: str, env: gym.Env, summary: dict, rewards: list[float], requested: list[int]
 ) -> dict[str, Any]:
     base = env.unwrapped
-    shape = np.asarray(summary["ranks"]).shape
+    shape = np.asarray(summary["actions"]).shape
+    requested_actions = np.reshape(requested, shape)
     return {
         "policy": name,
         "window": int(summary["window"]),
@@ -235,8 +253,10 @@ def _row(
         "return": episode_return(rewards),
         **{key: float(summary[key]) for key in SUMMARY_COLUMNS},
         "masked_actions": int(summary["masked_actions"]),
+        "actions": json.dumps(summary["actions"]),
+        "requested_actions": json.dumps(requested_actions.tolist()),
         "ranks": json.dumps(summary["ranks"]),
-        "requested_ranks": json.dumps(np.reshape(requested, shape).tolist()),
+        "requested_ranks": json.dumps(base.actions.ranks[requested_actions].tolist()),
         "rewards": json.dumps(rewards),
         "perplexity": _nan_if_none(summary.get("perplexity")),
         "perplexity_full": _nan_if_none(summary.get("perplexity_full")),
@@ -245,12 +265,12 @@ def _row(
 
 
 def _derived(result: ReplayResult, requested: list) -> dict[str, Any]:
-    executed = np.asarray(result.ranks)
+    executed = np.asarray(result.actions)
     requested_array = np.asarray(requested)
-    if requested_array.shape != executed.shape or np.any(requested_array > executed):
+    if requested_array.shape != executed.shape:
         raise ReplayMismatch(
-            f"window {result.window}: requested ranks {requested} cannot have executed as "
-            f"{executed.tolist()} (the guardrail only raises a rank)"
+            f"window {result.window}: requested actions of shape {requested_array.shape}, "
+            f"executed {executed.shape}"
         )
     summary = result.summary
     return {
@@ -262,11 +282,29 @@ def _derived(result: ReplayResult, requested: list) -> dict[str, Any]:
     }
 
 
-def _compare(record: dict[str, Any], derived: dict[str, Any], rtol: float) -> None:
+def column_tolerance(column: str, steps: int, backend: str) -> tuple[float, float]:
+    """(relative, absolute) tolerance of a replayed column (see :mod:`drrl_env.replay`).
+
+    Counts and FLOPs follow from the actions alone, and every cached number is a lookup:
+    they must replay exactly. Measured live numbers get the float32 run-to-run tolerance
+    (summed over the episode for the return).
+    """
+    if column in ("perplexity", "perplexity_full"):
+        return PERPLEXITY_RTOL, 0.0
+    rtol, atol = reward_tolerance(backend)
+    if column == "return":
+        return rtol, atol * steps
+    if column in ("mean_fidelity", "mean_perturbation"):
+        return rtol, atol
+    return EXACT, EXACT
+
+
+def _compare(record: dict[str, Any], derived: dict[str, Any], steps: int) -> None:
     for column, value in derived.items():
         recorded = float(record[column])
+        rel, abs_ = column_tolerance(column, steps, record["backend"])
         same = (math.isnan(recorded) and math.isnan(value)) or math.isclose(
-            recorded, value, rel_tol=rtol, abs_tol=1e-12
+            recorded, value, rel_tol=rel, abs_tol=abs_
         )
         if not same:
             raise ReplayMismatch(

@@ -9,13 +9,22 @@
     env = gym.make("DRRL-Tiny-v0")
     model = make_agent("maskable_ppo", env, policy="transformer", tensorboard_log="runs")
     model.learn(10_000)
-    model.save("runs/agent")
+    save_agent(model, "runs/agent")
     again = load_agent("runs/agent", env=env)
+
+An agent's actions are indices into its env's action grid ([rank, keep] settings), so the
+same index means another setting in an env with another grid, model or method.
+``make_agent`` and ``save_agent`` store the env's
+:meth:`~drrl_env.envs.dynamic_rank.DynamicRankEnv.signature` (model, method, actions,
+observation layout) in the zip, and ``load_agent(path, env=...)`` refuses an env whose
+signature differs, naming each differing field.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,8 @@ POLICIES: tuple[str, ...] = tuple(POLICY_PARAMS)
 
 ALGO_ATTRIBUTE = "drrl_algo"
 POLICY_ATTRIBUTE = "drrl_policy"
+SIGNATURE_ATTRIBUTE = "drrl_env_signature"
+"""Model attribute (saved in the zip's data) holding the training env's signature."""
 _DISCRETE_ONLY = ("dqn",)
 _MANAGED = ("policy", "env", "policy_kwargs", "tensorboard_log", "seed", "verbose", "device")
 
@@ -82,7 +93,9 @@ def make_agent(
             any other keyword of the algorithm's constructor.
 
     Returns:
-        The SB3 model; ``model.drrl_algo`` and ``model.drrl_policy`` name what it is.
+        The SB3 model; ``model.drrl_algo`` and ``model.drrl_policy`` name what it is and
+        ``model.drrl_env_signature`` holds ``env``'s signature (None for an env without
+        ``signature()``).
 
     Raises:
         ValueError: Unknown algorithm, policy or hyperparameter; an env the algorithm or
@@ -108,13 +121,28 @@ def make_agent(
     )
     setattr(model, ALGO_ATTRIBUTE, algo)
     setattr(model, POLICY_ATTRIBUTE, policy)
+    setattr(model, SIGNATURE_ATTRIBUTE, env_signature(env))
     return model
 
 
-def save_agent(model: BaseAlgorithm, path: str | Path) -> Path:
-    """Save ``model`` (SB3 zip) with the name of its algorithm; returns the file written."""
+def save_agent(model: BaseAlgorithm, path: str | Path, env: gym.Env | VecEnv | None = None) -> Path:
+    """Save ``model`` (SB3 zip) with its algorithm's name and its env's signature.
+
+    Args:
+        model: The agent.
+        path: Where to write; ``.zip`` is appended unless the name ends with it.
+        env: The env whose signature is stored. None: the model's own env
+            (``model.get_env()``), else the signature the model already carries (set by
+            :func:`make_agent` or read by :func:`load_agent`).
+
+    Returns:
+        The file written.
+    """
     if getattr(model, ALGO_ATTRIBUTE, None) is None:
         setattr(model, ALGO_ATTRIBUTE, algo_name(model))
+    source = env if env is not None else model.get_env()
+    if source is not None:
+        setattr(model, SIGNATURE_ATTRIBUTE, env_signature(source))
     path = Path(path)
     path = path if path.suffix == ".zip" else path.with_name(path.name + ".zip")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,20 +161,117 @@ def load_agent(
 
     Args:
         path: The saved zip (the ``.zip`` suffix may be left out).
-        env: The env to attach (needed to continue training); its spaces are checked.
+        env: The env to attach (needed to continue training). Its signature must equal the
+            one saved with the agent, and its spaces the saved spaces; a file saved without
+            a signature loads with a warning.
         algo: The algorithm; read from the file when it was built by ``make_agent``.
         device: Torch device to load the networks onto.
         **kwargs: Passed to the SB3 ``load`` classmethod.
 
     Raises:
-        ValueError: Unknown or undeterminable algorithm, or ``env``'s observation or action
+        FileNotFoundError: Neither ``path`` nor ``path`` + ``.zip`` is a file; the message
+            shows the absolute path looked for.
+        ValueError: Unknown or undeterminable algorithm; ``env``'s signature differs from
+            the saved one (the message names each differing field with both values), or
+            ``env`` has no signature while the file has one; ``env``'s observation or action
             space differs from the saved one.
     """
-    data, _, _ = load_from_zip_file(path, device=device, load_data=True)
+    path = resolve_agent_path(path)
+    custom_objects = kwargs.get("custom_objects")
+    data, _, _ = load_from_zip_file(
+        path, device=device, load_data=True, custom_objects=custom_objects
+    )
     algo = _saved_algo(data, algo, path)
     if env is not None:
+        check_signature_match(data.get(SIGNATURE_ATTRIBUTE), env, path)
         check_spaces_match(data["observation_space"], data["action_space"], env)
     return ALGOS[algo].load(path, env=env, device=device, **kwargs)
+
+
+def resolve_agent_path(path: str | Path) -> Path:
+    """The saved agent file of ``path``: ``path`` itself, or ``path`` + ``.zip`` as SB3 saves.
+
+    Raises:
+        FileNotFoundError: Neither is a file; the message shows the absolute ``.zip`` path.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    zipped = path if path.name.endswith(".zip") else path.with_name(path.name + ".zip")
+    if zipped.is_file():
+        return zipped
+    raise FileNotFoundError(f"no saved agent at {zipped.resolve()}")
+
+
+def env_signature(env: gym.Env | VecEnv) -> dict[str, Any] | None:
+    """``env.unwrapped.signature()`` as plain JSON values (first env of a VecEnv).
+
+    Returns:
+        The signature, or None for an env without a ``signature()`` method.
+    """
+    if isinstance(env, VecEnv):
+        if not env.has_attr("signature"):
+            return None
+        signature = env.env_method("signature", indices=[0])[0]
+    else:
+        method = _env_attr(env, "signature")
+        if method is None:
+            return None
+        signature = method()
+    return json.loads(json.dumps(signature))
+
+
+def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per field (every key of either) whose value differs, with both values."""
+    lines = []
+    for key in [*saved, *(key for key in current if key not in saved)]:
+        if key not in current:
+            lines.append(f"{key}: the agent's {saved[key]!r}, missing from the env's")
+        elif key not in saved:
+            lines.append(f"{key}: missing from the agent's, the env's {current[key]!r}")
+        elif saved[key] != current[key]:
+            lines.append(f"{key}: {_value_difference(key, saved[key], current[key])}")
+    return lines
+
+
+def check_signature_match(
+    saved: dict[str, Any] | None, env: gym.Env | VecEnv, path: str | Path = "the agent"
+) -> None:
+    """Refuse an env whose actions or inputs mean something else than the saved agent's.
+
+    Args:
+        saved: The signature saved with the agent (None: an older file without one).
+        env: The env the agent is loaded into.
+        path: Named in the messages.
+
+    Raises:
+        ValueError: The signatures differ (one line per differing field), or the agent has
+            a signature but ``env`` has no ``signature()``.
+    """
+    current = env_signature(env)
+    if saved is None:
+        if current is not None:
+            warnings.warn(
+                f"{path} was saved without an env signature: cannot check that its actions "
+                "and observations mean the same in this env (same action grid, model, method); "
+                "save it again with save_agent(model, path, env=training_env)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    if current is None:
+        raise ValueError(
+            f"{path} was trained on a dynamic-rank env ({_brief(saved)}) but the env has no "
+            "signature() to check it against"
+        )
+    differences = signature_differences(saved, current)
+    if differences:
+        raise ValueError(
+            f"{path} was trained on an env whose actions or observations mean something "
+            "else; differing fields:\n  "
+            + "\n  ".join(differences)
+            + "\nuse an env built like the training env or train a new agent"
+        )
 
 
 def algo_class_for(algo: str) -> type[BaseAlgorithm]:
@@ -187,13 +312,9 @@ def build_policy_kwargs(
 ) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` of ``policy`` for ``env``: the defaults, then ``overrides``."""
     check_policy_name(policy)
-    params = POLICY_PARAMS[policy]()
-    kwargs: dict[str, Any] = {"net_arch": list(params.net_arch)}
     if policy == "transformer":
         layout_for_space(env.observation_space)  # clear error before SB3 builds anything
-        extractor = {**params.extractor_kwargs(), "rank_fractions": env_rank_fractions(env)}
-        kwargs |= {"features_extractor_class": StateTokenExtractor}
-        kwargs["features_extractor_kwargs"] = extractor
+    kwargs = default_policy_kwargs(policy, env_rank_fractions(env))
     overrides = dict(overrides or {})
     extractor_overrides = overrides.pop("features_extractor_kwargs", None)
     kwargs |= overrides
@@ -201,6 +322,28 @@ def build_policy_kwargs(
         kwargs["features_extractor_kwargs"] = {
             **kwargs.get("features_extractor_kwargs", {}),
             **extractor_overrides,
+        }
+    return kwargs
+
+
+def default_policy_kwargs(
+    policy: str, rank_fractions: tuple[float, ...] | None = None
+) -> dict[str, Any]:
+    """SB3 ``policy_kwargs`` of ``policy``'s defaults (:data:`POLICY_PARAMS`), for any env.
+
+    Args:
+        policy: ``mlp`` or ``transformer``.
+        rank_fractions: ``rank / head_dim`` of the env's grid, for the transformer's
+            extractor (None: the default grid's values).
+    """
+    check_policy_name(policy)
+    params = POLICY_PARAMS[policy]()
+    kwargs: dict[str, Any] = {"net_arch": list(params.net_arch)}
+    if policy == "transformer":
+        kwargs["features_extractor_class"] = StateTokenExtractor
+        kwargs["features_extractor_kwargs"] = {
+            **params.extractor_kwargs(),
+            "rank_fractions": rank_fractions,
         }
     return kwargs
 
@@ -257,6 +400,34 @@ def _check_extra_hyperparams(algo: str, extra: dict[str, Any]) -> None:
             f"{', '.join(field_names(ALGO_PARAMS[algo]))}; other accepted keywords: "
             f"{', '.join(sorted(accepted - set(field_names(ALGO_PARAMS[algo]))))}"
         )
+
+
+_SHOWN_INDICES = 8
+
+
+def _value_difference(key: str, before: Any, after: Any) -> str:
+    if not (isinstance(before, list) and isinstance(after, list)):
+        return f"the agent's {before!r}, the env's {after!r}"
+    item = "action" if key == "actions" else "index"
+    parts = []
+    if len(before) != len(after):
+        parts.append(f"the agent has {len(before)} {key}, the env {len(after)}")
+    differing = [i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b]
+    shown = ", ".join(
+        f"{item} {i}: {before[i]!r} vs {after[i]!r}" for i in differing[:_SHOWN_INDICES]
+    )
+    if differing:
+        more = len(differing) - _SHOWN_INDICES
+        parts.append(
+            f"{len(differing)} of {min(len(before), len(after))} differ (agent vs env) - "
+            + shown
+            + (f", and {more} more" if more > 0 else "")
+        )
+    return "; ".join(parts)
+
+
+def _brief(signature: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={signature[k]!r}" for k in ("model", "method") if k in signature)
 
 
 def _saved_algo(data: dict[str, Any], algo: str | None, path: str | Path) -> str:

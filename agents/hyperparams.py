@@ -8,6 +8,10 @@ of them by name::
 
     make_agent("ppo", env, n_steps=256, learning_rate=1e-3)
 
+These dataclasses are the one source of the defaults: the RL Zoo files in ``hyperparams/``
+are generated from them by ``python -m agents.zoo`` (a test fails until they are
+regenerated after a change here), so a new field or a new default reaches rl_zoo3 too.
+
 Discount factor: :data:`DISCOUNT` (0.5) for every algorithm, not the usual 0.99. The
 problem is close to a contextual bandit: each step's reward is charged at once (the
 perturbation of a rank change included, and the previous rank is in the observation), and

@@ -60,25 +60,30 @@ class TokenSpec:
 def layout_for_space(observation_space: spaces.Space) -> ObservationLayout:
     """Reconstruct the observation layout from a flat Box space's size.
 
-    The size is ``fixed + per_rank * n_ranks``; both constants come from the layout itself.
+    The size is ``fixed + per_action * n_actions``, with a larger ``fixed`` for budgeted
+    episodes; the two fixed sizes differ by less than ``per_action``, so the size tells
+    both. Every constant comes from the layout itself.
 
     Raises:
-        ValueError: The space is not a 1-D Box, or its size fits no rank grid.
+        ValueError: The space is not a 1-D Box, or its size fits no action grid.
     """
     if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
         raise ValueError(
             f"the transformer policy needs a flat Box observation space, got {observation_space}"
         )
     size = observation_space.shape[0]
+    for budgeted in (False, True):
+        empty = ObservationLayout(0, budgeted)
+        per_action = sum(1 for f in empty.features if f.per_action)
+        n_actions, rest = divmod(size - empty.size, per_action)
+        if n_actions >= 1 and not rest and ObservationLayout(n_actions, budgeted).size == size:
+            return ObservationLayout(n_actions, budgeted)
     empty = ObservationLayout(0)
-    per_rank = sum(1 for f in empty.features if f.per_rank)
-    n_ranks, rest = divmod(size - empty.size, per_rank)
-    if n_ranks < 1 or rest or ObservationLayout(n_ranks).size != size:
-        raise ValueError(
-            f"observation size {size} is not a dynamic-rank observation: expected "
-            f"{empty.size} + {per_rank} * n_ranks entries with n_ranks >= 1"
-        )
-    return ObservationLayout(n_ranks)
+    per_action = sum(1 for f in empty.features if f.per_action)
+    raise ValueError(
+        f"observation size {size} is not a dynamic-rank observation: expected "
+        f"{empty.size} (+2 with a budget) + {per_action} * n_actions entries, n_actions >= 1"
+    )
 
 
 def token_spec(layout: ObservationLayout) -> TokenSpec:

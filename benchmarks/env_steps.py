@@ -17,7 +17,7 @@ import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
-from drrl_env.envs.backends import CachedRollouts
+from drrl_env.envs.backends.cached import RolloutCache
 from drrl_env.envs.config import EnvConfig
 
 
@@ -53,7 +53,7 @@ def steps_per_second(env: gym.Env, steps: int, seed: int) -> tuple[float, int]:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     config = EnvConfig(**{**gym.spec(args.env_id).kwargs, "backend": "cached"})
-    built = not CachedRollouts.path(config).is_file()
+    built = RolloutCache(config).missing() != []
     start = time.perf_counter()
     cached = gym.make(args.env_id, backend="cached", device=args.device).unwrapped
     setup = time.perf_counter() - start

@@ -39,15 +39,17 @@ import tyro
 from tqdm import tqdm
 
 from drrl_env.flops import flops_ratio
-from drrl_env.lm.attention import output_cosine
 from drrl_env.lm.kernel_timing import (
-    LOWRANK_METHODS,
     AttentionShape,
     Kernel,
+    KernelSpec,
     attention_kernels,
     full_flops,
     time_call,
 )
+from drrl_env.lm.measure import output_cosine
+
+LOWRANK_METHODS = ("gram", "svd", "calibrated")
 
 COLUMNS = (
     "device",
@@ -103,8 +105,8 @@ def shape_of(args: Args) -> AttentionShape:
 
 def kernels_for(args: Args, length: int, device: torch.device) -> list[Kernel]:
     """All kernels at sequence length ``length``, on the same random inputs."""
-    lowrank = [(method, rank) for method in LOWRANK_METHODS for rank in args.ranks]
-    return attention_kernels(shape_of(args), length, lowrank, device, args.seed)
+    specs = [KernelSpec(method, rank) for method in LOWRANK_METHODS for rank in args.ranks]
+    return attention_kernels(shape_of(args), length, specs, device, args.seed)
 
 
 def benchmark(args: Args) -> list[dict]:

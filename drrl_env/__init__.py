@@ -13,40 +13,54 @@ or, without importing first, ``gym.make("drrl_env:DRRL-Wikitext-v0")``.
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
+
 from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
 
 ENTRY_POINT = "drrl_env.envs.dynamic_rank:DynamicRankEnv"
 
-# id -> (kwargs, episode length of those kwargs: segments * layers)
-ENV_IDS: dict[str, tuple[dict, int]] = {
-    "DRRL-Wikitext-v0": ({"backend": "cached"}, 4 * 30),
-    "DRRL-Wikitext-Live-v0": ({"backend": "live"}, 4 * 30),
-    "DRRL-Wikitext-SVD-v0": ({"backend": "cached", "method": "svd"}, 4 * 30),
-    "DRRL-Tiny-v0": (
-        {
-            "model": "tiny-llama",
-            "seq_len": 512,
-            "segment_length": 128,
-            "max_windows": 16,
-            "method": "calibrated",
-        },
-        4 * 4,
-    ),
-    "DRRL-Tiny-Live-v0": (
-        {
-            "model": "tiny-llama",
-            "seq_len": 512,
-            "segment_length": 128,
-            "max_windows": 16,
-            "method": "calibrated",
-            "backend": "live",
-        },
-        4 * 4,
-    ),
-}
+_TINY = {"model": "tiny-llama", "seq_len": 512, "segment_length": 128, "max_windows": 16}
+_TOPK = {"method": "topk"}
+_BUDGET = {"method": "topk", "budget": 0.6}
 
-for _env_id, (_kwargs, _steps) in ENV_IDS.items():
+ENV_IDS: dict[str, dict] = {
+    "DRRL-Wikitext-v0": {"backend": "cached"},
+    "DRRL-Wikitext-Live-v0": {"backend": "live"},
+    "DRRL-Wikitext-SVD-v0": {"backend": "cached", "method": "svd"},
+    "DRRL-Wikitext-TopK-v0": {"backend": "cached", **_TOPK},
+    "DRRL-Wikitext-TopK-Live-v0": {"backend": "live", **_TOPK},
+    "DRRL-Wikitext-Budget-v0": {"backend": "cached", **_BUDGET},
+    "DRRL-Wikitext-Budget-Live-v0": {"backend": "live", **_BUDGET},
+    "DRRL-Tiny-v0": {**_TINY, "method": "calibrated"},
+    "DRRL-Tiny-Live-v0": {**_TINY, "method": "calibrated", "backend": "live"},
+    "DRRL-Tiny-TopK-v0": {**_TINY, **_TOPK},
+    "DRRL-Tiny-Budget-v0": {**_TINY, **_BUDGET},
+}
+"""Registered id -> the ``gym.make`` keywords it stands for (see the README's table).
+
+No id sets ``max_episode_steps``: an episode is as long as its configuration
+(segments x layers, whatever ``seq_len`` is passed) and the environment terminates it.
+"""
+
+for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:
-        register(id=_env_id, entry_point=ENTRY_POINT, kwargs=_kwargs, max_episode_steps=_steps)
+        register(id=_env_id, entry_point=ENTRY_POINT, kwargs=_kwargs)
+
+
+def _preload_in_forkserver_workers() -> None:
+    """Let worker processes started by a forkserver know the ids (they import this package).
+
+    Gymnasium 1.x has no plugin registry: a worker that never imported ``drrl_env`` cannot
+    make ``"DRRL-Wikitext-v0"``. stable-baselines3's ``SubprocVecEnv`` starts its workers
+    from a forkserver by default; preloading this package there (it imports no torch)
+    registers the ids in every such worker. Modules the program preloads already are kept.
+    """
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    if __name__ not in current:
+        multiprocessing.set_forkserver_preload([*current, __name__])
+
+
+_preload_in_forkserver_workers()

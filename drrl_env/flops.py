@@ -1,5 +1,7 @@
-"""Executed-FLOPs accounting for full and low-rank multi-head attention.
+"""Executed-FLOPs accounting: the stages, full attention and the standard counts.
 
+Each attention method counts its own executed FLOPs from these pieces
+(:meth:`drrl_env.methods.AttentionMethod.flops`); this module holds what they share.
 Counts multiplies and adds separately, so a ``(m x k) @ (k x n)`` matmul costs ``2 m k n``.
 Shapes per head: ``T`` queries, ``N`` keys, head dimension ``d`` and rank ``r <= d``.
 
@@ -33,24 +35,27 @@ SVD_RECT_COEFF = 4
 SVD_CUBIC_COEFF = 8
 """Golub-Reinsch SVD, cubic term: ``8 n^3`` for Sigma, V (Golub & Van Loan, §8.6)."""
 
-METHODS = ("full", "svd", "gram", "calibrated")
-"""Ways of choosing the rank-``r`` basis: none, truncated SVDs, Gram eigenbasis, fixed."""
-
 
 @dataclass(frozen=True)
 class FlopsBreakdown:
     """Executed FLOPs of one attention call, split by stage.
 
     Attributes:
-        subspace: Cost of computing the low-rank basis (Gram matrices, eigh, SVD).
+        features: Cost of what the observation shows before the decision (the spectrum:
+            Gram updates and eigendecompositions, or rotating new keys and their energies);
+            paid at every call, whatever the setting.
+        subspace: Cost of computing a basis after the decision (the ``svd`` method's SVDs).
         projections: Cost of projecting queries and keys onto the basis.
-        scores: Cost of the query-key score matmul.
+        selection: Cost of choosing the keys a sparse method attends (one per score).
+        scores: Cost of the query-key score matmuls (selection scores included).
         softmax: Cost of the row softmax over the scores.
         output: Cost of the attention-weights-times-values matmul.
     """
 
+    features: int = 0
     subspace: int = 0
     projections: int = 0
+    selection: int = 0
     scores: int = 0
     softmax: int = 0
     output: int = 0
@@ -58,18 +63,17 @@ class FlopsBreakdown:
     @property
     def total(self) -> int:
         """Sum of all stages."""
-        return self.subspace + self.projections + self.scores + self.softmax + self.output
+        return sum(asdict(self).values())
 
     def __add__(self, other: FlopsBreakdown) -> FlopsBreakdown:
         if not isinstance(other, FlopsBreakdown):
             return NotImplemented
-        return FlopsBreakdown(
-            subspace=self.subspace + other.subspace,
-            projections=self.projections + other.projections,
-            scores=self.scores + other.scores,
-            softmax=self.softmax + other.softmax,
-            output=self.output + other.output,
-        )
+        mine, theirs = asdict(self), asdict(other)
+        return FlopsBreakdown(**{stage: mine[stage] + theirs[stage] for stage in mine})
+
+    def scaled(self, factor: int) -> FlopsBreakdown:
+        """Every stage multiplied by ``factor`` (e.g. a batch of identical problems)."""
+        return FlopsBreakdown(**{stage: value * factor for stage, value in asdict(self).items()})
 
     def __radd__(self, other: object) -> FlopsBreakdown:
         # Lets ``sum(breakdowns)`` start from the integer 0.
@@ -124,11 +128,6 @@ def _core_flops(queries: int, keys: int, head_dim: int, inner: int) -> FlopsBrea
     )
 
 
-def _scale(b: FlopsBreakdown, factor: int) -> FlopsBreakdown:
-    """Multiplies every stage of ``b`` by ``factor``."""
-    return FlopsBreakdown(**{k: v * factor for k, v in asdict(b).items()})
-
-
 def full_attention_flops(queries: int, keys: int, head_dim: int, heads: int = 1) -> FlopsBreakdown:
     """Executed FLOPs of full attention: scores ``2TNd``, softmax ``5TN``, output ``2TNd``.
 
@@ -145,36 +144,7 @@ def full_attention_flops(queries: int, keys: int, head_dim: int, heads: int = 1)
         ValueError: If an argument is not a positive int.
     """
     _check_shape(queries, keys, head_dim, heads)
-    return _scale(_core_flops(queries, keys, head_dim, head_dim), heads)
-
-
-def _gram_flops(t: int, n: int, d: int, r: int, n_new: int, heads: int, kv: int) -> FlopsBreakdown:
-    """Gram-eigenbasis method: ``Q^T Q + K^T K`` per query head, ``K^T K`` updated per kv head."""
-    mac = MATMUL_FLOPS_PER_MAC
-    per_q_subspace = mac * t * d * d + d * d + eigh_flops(d)
-    per_kv_subspace = mac * n_new * d * d
-    per_q_proj = mac * t * d * r + mac * n * d * r
-    return FlopsBreakdown(
-        subspace=heads * per_q_subspace + kv * per_kv_subspace,
-        projections=heads * per_q_proj,
-    )
-
-
-def _svd_flops_method(t: int, n: int, d: int, r: int, heads: int, kv: int) -> FlopsBreakdown:
-    """Separate truncated SVDs: ``(Q V_q)(V_q^T V_k)(K V_k)^T`` with key basis per kv head."""
-    mac = MATMUL_FLOPS_PER_MAC
-    per_q_subspace = svd_flops(t, d) + mac * r * d * r
-    per_q_proj = mac * t * d * r + mac * t * r * r
-    return FlopsBreakdown(
-        subspace=heads * per_q_subspace + kv * svd_flops(n, d),
-        projections=heads * per_q_proj + kv * mac * n * d * r,
-    )
-
-
-def _calibrated_flops(t: int, n: int, d: int, r: int, heads: int) -> FlopsBreakdown:
-    """Fixed offline basis: no subspace work, queries and keys projected per query head."""
-    mac = MATMUL_FLOPS_PER_MAC
-    return FlopsBreakdown(projections=heads * (mac * t * d * r + mac * n * d * r))
+    return _core_flops(queries, keys, head_dim, head_dim).scaled(heads)
 
 
 def _check_shape(queries: int, keys: int, head_dim: int, heads: int) -> None:
@@ -182,66 +152,6 @@ def _check_shape(queries: int, keys: int, head_dim: int, heads: int) -> None:
     shape = {"queries": queries, "keys": keys, "head_dim": head_dim, "heads": heads}
     for name, value in shape.items():
         _check_int(name, value, 1)
-
-
-def _resolve_kv_heads(heads: int, kv_heads: int | None) -> int:
-    """Validates ``kv_heads`` (default ``heads``) as a divisor of ``heads``."""
-    kv = heads if kv_heads is None else _check_int("kv_heads", kv_heads, 1, heads)
-    if heads % kv != 0:
-        raise ValueError(f"kv_heads must divide heads={heads}, got {kv}")
-    return kv
-
-
-def lowrank_attention_flops(
-    queries: int,
-    keys: int,
-    head_dim: int,
-    rank: int,
-    method: str,
-    heads: int = 1,
-    kv_heads: int | None = None,
-    new_keys: int | None = None,
-) -> FlopsBreakdown:
-    """Executed FLOPs of low-rank attention, the cost of finding the basis included.
-
-    Scores are computed at inner dimension ``rank`` after projecting queries and keys on an
-    orthonormal ``d x r`` basis; ``A V`` stays at full head dimension. With ``method="full"`` or
-    ``rank == head_dim`` the kernel runs full attention and the count equals
-    :func:`full_attention_flops`.
-
-    Args:
-        queries: Number of queries ``T``.
-        keys: Number of keys ``N``.
-        head_dim: Head dimension ``d``.
-        rank: Rank ``r`` in ``[1, head_dim]``.
-        method: One of :data:`METHODS`.
-        heads: Number of query heads.
-        kv_heads: Number of key/value heads shared by the query heads (default ``heads``).
-        new_keys: Keys added since the previous call, for the incrementally accumulated key
-            Gram of ``method="gram"``; ``None`` means all ``keys``.
-
-    Returns:
-        The breakdown summed over heads.
-
-    Raises:
-        ValueError: If an argument is out of range; the message names it.
-    """
-    _check_shape(queries, keys, head_dim, heads)
-    _check_int("rank", rank, 1, head_dim)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    kv = _resolve_kv_heads(heads, kv_heads)
-    n_new = keys if new_keys is None else _check_int("new_keys", new_keys, 0, keys)
-    if method == "full" or rank == head_dim:
-        return full_attention_flops(queries, keys, head_dim, heads)
-    core = _scale(_core_flops(queries, keys, head_dim, rank), heads)
-    if method == "gram":
-        extra = _gram_flops(queries, keys, head_dim, rank, n_new, heads, kv)
-    elif method == "svd":
-        extra = _svd_flops_method(queries, keys, head_dim, rank, heads, kv)
-    else:
-        extra = _calibrated_flops(queries, keys, head_dim, rank, heads)
-    return core + extra
 
 
 def attention_core_saving_bound(head_dim: int, rank: int) -> float:

@@ -10,7 +10,7 @@ its rollouts::
     from drrl_env.inspect import layer_fidelity
 
     env = gym.make("DRRL-Tiny-v0")
-    table = layer_fidelity(env.unwrapped.backend.rollouts)  # (layers, ranks)
+    table = layer_fidelity(env.unwrapped.backend)  # (layers, actions)
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.envs.backends import CachedRollouts, ModelShape, model_shape, shared_model
+from drrl_env.envs.backends.base import ModelShape
+from drrl_env.envs.backends.resources import model_shape, shared_model
 from drrl_env.envs.config import EnvConfig
-from drrl_env.spectra import energy_at_ranks, normalize_spectrum
+from drrl_env.spectra import normalize_spectrum
 
 
 def env_config(env_id: str, **overrides: Any) -> EnvConfig:
@@ -35,8 +36,7 @@ def env_config(env_id: str, **overrides: Any) -> EnvConfig:
 
     if env_id not in ENV_IDS:
         raise ValueError(f"unknown id {env_id!r}; registered: {', '.join(ENV_IDS)}")
-    kwargs, _ = ENV_IDS[env_id]
-    return EnvConfig(**{**kwargs, **overrides})
+    return EnvConfig(**{**ENV_IDS[env_id], **overrides})
 
 
 def attention_shape(env_id: str, **overrides: Any) -> tuple[EnvConfig, ModelShape]:
@@ -50,22 +50,32 @@ def attention_shape(env_id: str, **overrides: Any) -> tuple[EnvConfig, ModelShap
     return config, model_shape(lm)
 
 
-def layer_fidelity(rollouts: CachedRollouts) -> np.ndarray:
-    """Mean teacher-forced fidelity of each candidate rank at each layer, shape (L, K).
+def rollout_array(backend, name: str) -> np.ndarray:
+    """The cached array ``name`` of every window of a cached backend, stacked (W, ...)."""
+    store = backend.cache.store
+    return np.stack([np.asarray(store.read_shard(w)[name]) for w in range(backend.n_windows)])
 
-    The mean runs over windows and segments of ``rollouts.fidelity`` (W, S, L, K).
+
+def layer_fidelity(backend, term: str = "cosine") -> np.ndarray:
+    """Mean teacher-forced ``term`` of each action at each layer, shape (L, A).
+
+    The mean runs over windows and segments of the cached (W, S, L, A) array.
     """
-    return np.asarray(rollouts.fidelity, dtype=np.float64).mean(axis=(0, 1))
+    return rollout_array(backend, term).astype(np.float64).mean(axis=(0, 1))
 
 
-def layer_spectra(rollouts: CachedRollouts) -> np.ndarray:
-    """Each layer's normalised spectrum of ``Q^T Q + K^T K``, averaged, shape (L, d)."""
-    return normalize_spectrum(np.asarray(rollouts.spectra).mean(axis=(0, 1)))
+def layer_spectra(backend) -> np.ndarray:
+    """Each layer's spectrum, averaged and normalised, in truncation order, shape (L, d)."""
+    mean = rollout_array(backend, "spectra").mean(axis=(0, 1))  # (L, d)
+    return mean / mean.sum(axis=-1, keepdims=True)
 
 
-def layer_energy(rollouts: CachedRollouts) -> np.ndarray:
-    """Mean energy retained at each candidate rank at each layer, shape (L, K)."""
-    return energy_at_ranks(rollouts.spectra, rollouts.ranks).mean(axis=(0, 1))
+def layer_energy(backend) -> np.ndarray:
+    """Mean energy retained at each action's rank at each layer, shape (L, A)."""
+    spectra = rollout_array(backend, "spectra")  # (W, S, L, d)
+    zeros = np.zeros((*spectra.shape[:-1], 1))
+    cumulative = np.concatenate([zeros, np.cumsum(spectra, axis=-1)], axis=-1)
+    return cumulative[..., backend.actions.ranks].mean(axis=(0, 1))
 
 
 def effective_rank(spectrum: Any) -> np.ndarray | float:

@@ -36,12 +36,15 @@ from tqdm import tqdm
 from agents.reporting import markdown_from_frame
 from drrl_env.flops import attention_core_saving_bound, flops_ratio
 from drrl_env.lm.kernel_timing import (
-    LOWRANK_METHODS,
     AttentionShape,
+    KernelSpec,
     attention_kernels,
     full_flops,
     time_call,
 )
+
+LOWRANK_METHODS = ("gram", "svd", "calibrated")
+"""The dense low-rank methods: only their scores shrink with the rank (see the ceiling)."""
 
 COLUMNS = (
     "device",
@@ -140,10 +143,10 @@ def measure(args: Args, kernels: list[tuple[str, int, str]]) -> list[dict]:
     progress = tqdm(total=len(args.lengths) * (2 + len(kernels)), desc="kernels")
     with torch.inference_mode():
         for length in args.lengths:
-            pairs = [(method, rank) for method, rank, _ in kernels]
+            specs = [KernelSpec(method, rank) for method, rank, _ in kernels]
             full = full_flops(shape, length)
             timed = []
-            for kernel in attention_kernels(shape, length, pairs, device, args.seed):
+            for kernel in attention_kernels(shape, length, specs, device, args.seed):
                 progress.set_postfix_str(f"L={length} {kernel.name} r={kernel.rank}")
                 seconds, _ = time_call(kernel.call, args.warmup, args.repeats, device)
                 timed.append((kernel, seconds))
@@ -248,9 +251,9 @@ def main(args: Args) -> Path:
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). time: median of {args.repeats} timed calls after "
         f"{args.warmup} untimed; sdpa: torch scaled_dot_product_attention, eager: the model's "
-        "eager full attention. FLOPs: executed, from drrl_env.flops (dense causal count, basis "
-        "search included); ceiling: 1 - (d - r)/(2d), the lowest ratio any rank-r kernel can "
-        "reach (A V keeps its full cost).\n\n"
+        "eager full attention. FLOPs: executed, from each method's count (dense causal count, "
+        "the observation's features and the basis search included); ceiling: 1 - (d - r)/(2d), "
+        "the lowest ratio any rank-r kernel can reach (A V keeps its full cost).\n\n"
     )
     (stem.with_suffix(".md")).write_text(header + to_markdown(table))
     plot(table, stem.with_suffix(".png"), f"wall time, {device_type}")

@@ -93,15 +93,15 @@ class Args:
 
 def baseline_policies(env: gym.Env, args: Args) -> dict[str, tuple[str, str, object]]:
     """Name -> (family, label, policy) of full rank, the static ranks and the thresholds."""
-    grid = env.unwrapped.ranks
-    static = grid[:-1] if args.static_ranks is None else args.static_ranks
-    policies = {"full_rank": ("static", str(grid[-1]), make_baseline("full_rank", env))}
-    for rank in static:
-        policies[f"static_{rank}"] = (
-            "static",
-            str(rank),
-            make_baseline("static_rank", env, rank=rank),
-        )
+    grid = env.unwrapped.actions
+    policies = {"full_rank": ("static", str(grid.head_dim), make_baseline("full_rank", env))}
+    if args.static_ranks is None:
+        settings = grid.settings[:-1]  # every action but exact attention
+    else:
+        settings = [s for s in grid.settings if s.rank in args.static_ranks]
+    for setting in settings:
+        policy = make_baseline("static_rank", env, rank=setting.rank, keep=setting.keep)
+        policies[policy.name] = ("static", setting.label()[1:], policy)
     for tau in args.energy_taus:
         policy = make_baseline("energy_threshold", env, tau=tau)
         policies[f"energy_{tau:g}"] = ("energy", f"{tau:g}", policy)

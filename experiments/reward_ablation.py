@@ -11,7 +11,8 @@ returns do not compare across settings; ranks, FLOPs reduction, fidelity and per
 Writes under ``out_dir/<method>/``: ``per_window.csv`` (leaderboard rows with ``beta``,
 ``gamma``, ``seed``; replayable), ``ablation.csv`` (one row per setting), ``ablation.md``
 (generated from ``ablation.csv``), ``ablation.png`` (FLOPs reduction vs fidelity, one labelled
-point per setting), the trained models, TensorBoard logs and ``config.json``.
+point per setting), the trained models, TensorBoard logs and ``config.json``. A folder holding
+an earlier run is refused unless ``--overwrite``.
 
     python experiments/reward_ablation.py --total-timesteps 20000
     python experiments/reward_ablation.py --settings 0.5 0.1 0.5 0 0 0.1 --live
@@ -35,6 +36,7 @@ import drrl_env  # noqa: F401 (registers the ids)
 from agents import RankMetricsCallback, evaluate_policy_on_windows, make_agent, save_agent
 from agents.hyperparams import DISCOUNT
 from agents.reporting import markdown_from_frame, summary_table
+from agents.runs import RunFolder, run_main
 from drrl_env.envs.config import EnvConfig
 from drrl_env.rewards import RewardWeights
 
@@ -108,6 +110,9 @@ class Args:
     """Evaluate on the live backend (closed loop, perplexity) instead of the cached one."""
     out_dir: Path = Path("results/reward_ablation")
     """Parent folder; files go to ``out_dir/<method>/``."""
+    overwrite: bool = False
+    """Delete what an earlier run left in ``out_dir/<method>/`` and start again (an earlier
+    run there is refused otherwise: its models and logs would mix with this run's)."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Torch device of the model (cuda when present, else cpu)."""
     threads: int = 2
@@ -220,7 +225,7 @@ def main(args: Args) -> Path:
     start = time.perf_counter()
     method = args.method or gym.spec(args.env_id).kwargs.get("method", EnvConfig.method)
     out = args.out_dir / method
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder(out, overwrite=args.overwrite).prepare(asdict(args))  # refuses an earlier run
     backend = "live" if args.live else "cached"
     jobs = [(beta, gamma, seed) for beta, gamma in args.settings for seed in args.seeds]
     frames = []
@@ -286,4 +291,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

@@ -13,18 +13,22 @@ A rank equal to the head dimension runs full attention whatever the method, so t
 reuse the single full-rank run (``full`` row). The ``calibrated`` bases are estimated on
 ``train`` windows only, never on the eval windows.
 
-Writes ``table.csv``, ``table.md`` (rendered from the CSV) and ``config.json`` to ``out_dir``.
+Writes ``table.csv`` (a row appended as each configuration finishes), ``table.md`` (rendered
+from the CSV) and ``config.json`` to ``out_dir``. An ``out_dir`` holding an earlier table is
+refused unless ``--overwrite`` (start again) or ``--resume`` (keep the finished rows, run the
+rest; the arguments must equal those in its ``config.json``).
 
 Example:
     python experiments/uniform_rank_table.py --n-windows 3 --ranks 16 32
+    python experiments/uniform_rank_table.py --n-windows 3 --ranks 16 32 --resume
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +38,14 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from agents.runs import (
+    ArgumentError,
+    RowLog,
+    RunFolder,
+    check_device,
+    check_unique,
+    run_main,
+)
 from drrl_env.data import load_windows
 from drrl_env.lm.models import LoadedModel, load_model
 from drrl_env.lm.runner import WindowResult, run_window
@@ -50,6 +62,11 @@ COLUMNS = (
     "n_predicted",
     "wall_s",
 )
+KEY = ("method", "rank")
+"""Columns of ``table.csv`` that identify one configuration."""
+METHODS = ("svd", "gram", "calibrated")
+NOT_RESULTS = ("out_dir", "overwrite", "resume")
+"""Arguments a resumed run may change."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +91,28 @@ class Args:
     """Optional calibrated-basis file: loaded when it exists, else written after calibrating."""
     out_dir: Path = Path("results/uniform_rank")
     """Where table.csv, table.md and config.json are written."""
+    overwrite: bool = False
+    """Delete an existing table in out_dir and start again."""
+    resume: bool = False
+    """Keep the finished rows of an existing table in out_dir and run the rest."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Torch device (cuda when present, else cpu)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ArgumentError(f"methods: {unknown} not among {', '.join(METHODS)}")
+        check_unique("methods", self.methods)
+        check_unique("ranks", self.ranks)
+        for rank in self.ranks:
+            if rank < 1:
+                raise ArgumentError(f"ranks: {rank} is not a rank (>= 1)")
+        for name in ("seq_len", "segment_length", "n_windows", "calibration_windows"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overwrite and self.resume:
+            raise ArgumentError("overwrite and resume exclude each other")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -200,7 +237,7 @@ def markdown_from_csv(csv_path: Path, head_dim: int | None = None) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    """Write the rows with full precision."""
+    """Write the rows with full precision (the format :class:`~agents.runs.RowLog` appends)."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()
@@ -210,73 +247,115 @@ def write_csv(rows: list[Row], path: Path) -> None:
             )
 
 
-def main(args: Args) -> None:
-    """Run the table and write its files."""
-    unknown = set(args.methods) - {"svd", "gram", "calibrated"}
-    if unknown:
-        raise ValueError(f"methods must be among svd, gram, calibrated; got {sorted(unknown)}")
+def row_from_record(record: dict) -> Row:
+    """A :class:`Row` read back from ``table.csv``."""
+    kinds = {"method": str, "rank": int, "n_windows": int, "n_predicted": int}
+    return Row(**{name: kinds.get(name, float)(record[name]) for name in COLUMNS})
+
+
+def main(args: Args) -> Path:
+    """Validate, open ``out_dir``, run the configurations it does not hold, write the table."""
+    folder = RunFolder(
+        args.out_dir, overwrite=args.overwrite, resume=args.resume, ignored=NOT_RESULTS
+    )
+    folder.check(asdict(args))  # before loading anything
     started = time.perf_counter()
     lm = load_model(args.model, device=args.device)
+    too_large = [rank for rank in args.ranks if rank > lm.head_dim]
+    if too_large:
+        raise ArgumentError(f"ranks: {too_large} exceed the head dim {lm.head_dim} of {lm.name}")
     windows = load_windows(lm.tokenizer, args.seq_len, split="eval", max_windows=args.n_windows)
     if len(windows) < args.n_windows:
-        raise ValueError(f"only {len(windows)} eval windows of {args.seq_len} tokens exist")
-    tokens = windows.tokens
-
-    t0 = time.perf_counter()
-    full = aggregate(
-        "full",
-        lm.head_dim,
-        run_windows(lm, tokens, args.segment_length, "full", None),
-        time.perf_counter() - t0,
-        None,
-    )
-    rows = [full]
-    basis, basis_info = (None, None)
-    if "calibrated" in args.methods:
-        basis, basis_info = calibrated_basis(args, lm)
-
-    jobs = [(m, r) for m in args.methods for r in args.ranks]
-    for method, rank in tqdm(jobs, desc="method x rank"):
-        if rank == lm.head_dim:  # full attention for every method: reuse the full-rank run
-            rows.append(Row(**{**asdict(full), "method": method}))
-            continue
-        t0 = time.perf_counter()
-        results = run_windows(
-            lm, tokens, args.segment_length, method, rank, basis if method == "calibrated" else None
+        raise ArgumentError(
+            f"n_windows: only {len(windows)} eval windows of {args.seq_len} tokens exist"
         )
-        rows.append(aggregate(method, rank, results, time.perf_counter() - t0, full.perplexity))
-        tqdm.write(
-            f"{method:>10} r={rank:<3} ppl={rows[-1].perplexity:8.2f} "
-            f"fid={rows[-1].fidelity_mean:.3f} flops={rows[-1].flops_ratio:.3f}"
+    folder.prepare(asdict(args), model=model_info(lm))
+    eval_info = {"corpus": windows.corpus, "split": windows.split, "n_windows": len(windows)}
+    log = RowLog(args.out_dir / "table.csv", KEY)
+    keys = [{"method": "full", "rank": lm.head_dim}]
+    keys += [{"method": m, "rank": r} for m in args.methods for r in args.ranks]
+    log.retain(log.keys() & {log.key_of(key) for key in keys})
+    if folder.resuming:
+        print(f"resuming {args.out_dir}: {len(log.keys())} of {len(keys)} rows finished")
+    try:
+        run_rows(args, lm, windows.tokens, log, folder)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished rows are kept in {log.path}; rerun with --resume to run "
+            "the rest",
+            file=sys.stderr,
         )
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out_dir / "table.csv"
-    write_csv(rows, csv_path)
+        raise
+    csv_path = log.rewrite(log.sorted_by(keys))
     markdown = markdown_from_csv(csv_path, lm.head_dim)
     (args.out_dir / "table.md").write_text(markdown)
-    config = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "model": {
-            "name": lm.name,
-            "n_layers": lm.n_layers,
-            "n_heads": lm.n_heads,
-            "n_kv_heads": lm.n_kv_heads,
-            "head_dim": lm.head_dim,
-        },
-        "eval": {"corpus": windows.corpus, "split": windows.split, "n_windows": len(windows)},
-        "calibration": basis_info,
-        "torch": torch.__version__,
-        "device": str(lm.device),
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "wall_s": time.perf_counter() - started,
-        "notes": "rank == head_dim runs full attention for every method; those rows reuse the "
+    folder.update_config(
+        model=model_info(lm),
+        eval=eval_info,
+        torch=torch.__version__,
+        device=str(lm.device),
+        threads=torch.get_num_threads(),
+        platform=platform.platform(),
+        wall_s=time.perf_counter() - started,
+        notes="rank == head_dim runs full attention for every method; those rows reuse the "
         "full-rank run.",
-    }
-    (args.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    )
     print(markdown)
+    return csv_path
+
+
+def run_rows(
+    args: Args,
+    lm: LoadedModel,
+    tokens: np.ndarray,
+    log: RowLog,
+    folder: RunFolder,
+) -> None:
+    """Measure each row ``log`` does not hold yet and append it at once."""
+    records = {log.key_of(r): r for r in log.read().to_dict("records")}
+
+    def finished(method: str, rank: int) -> Row | None:
+        record = records.get(log.key_of({"method": method, "rank": rank}))
+        return None if record is None else row_from_record(record)
+
+    full = finished("full", lm.head_dim)
+    if full is None:
+        t0 = time.perf_counter()
+        results = run_windows(lm, tokens, args.segment_length, "full", None)
+        full = aggregate("full", lm.head_dim, results, time.perf_counter() - t0, None)
+        log.append([asdict(full)])
+    jobs = [(m, r) for m in args.methods for r in args.ranks]
+    basis = None
+    if any(m == "calibrated" and r != lm.head_dim and finished(m, r) is None for m, r in jobs):
+        basis, basis_info = calibrated_basis(args, lm)
+        folder.update_config(calibration=basis_info)
+    for method, rank in tqdm(jobs, desc="method x rank"):
+        row = finished(method, rank)
+        if row is None and rank == lm.head_dim:  # full attention for every method
+            row = Row(**{**asdict(full), "method": method})
+            log.append([asdict(row)])
+        elif row is None:
+            t0 = time.perf_counter()
+            method_basis = basis if method == "calibrated" else None
+            results = run_windows(lm, tokens, args.segment_length, method, rank, method_basis)
+            row = aggregate(method, rank, results, time.perf_counter() - t0, full.perplexity)
+            log.append([asdict(row)])
+            tqdm.write(
+                f"{method:>10} r={rank:<3} ppl={row.perplexity:8.2f} "
+                f"fid={row.fidelity_mean:.3f} flops={row.flops_ratio:.3f}"
+            )
+
+
+def model_info(lm: LoadedModel) -> dict:
+    """The attention shape of ``lm`` for ``config.json``."""
+    return {
+        "name": lm.name,
+        "n_layers": lm.n_layers,
+        "n_heads": lm.n_heads,
+        "n_kv_heads": lm.n_kv_heads,
+        "head_dim": lm.head_dim,
+    }
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

@@ -61,7 +61,7 @@ def test_energy_threshold_reads_the_env_spectrum(env):
     observation, _ = env.reset(options={"window": 1})
     chosen = []
     for _ in range(16):
-        cumulative = np.concatenate([[0.0], np.cumsum(base._view.spectrum)])
+        cumulative = np.concatenate([[0.0], np.cumsum(base.backend.view().spectrum)])
         energies = np.clip(cumulative[list(base.ranks)], 0, 1).astype(np.float32)
         expected = int(np.flatnonzero(energies >= 0.9)[0])
         action, _ = policy.predict(observation)
@@ -133,12 +133,12 @@ def test_bad_baseline_input(env, tmp_path_factory):
         EnergyThresholdPolicy(env, 0.0)
     with pytest.raises(ValueError, match="unknown baseline.*full_rank, static_rank"):
         make_baseline("adaptive", env)
-    with pytest.raises(ValueError, match="observation size 27"):
+    with pytest.raises(ValueError, match="observation size 35"):
         FullRankPolicy(env).predict(np.zeros(19, np.float32))
     with pytest.raises(ValueError, match="action_masks"):
-        FullRankPolicy(env).predict(np.zeros(27, np.float32), action_masks=np.ones(3, bool))
+        FullRankPolicy(env).predict(np.zeros(35, np.float32), action_masks=np.ones(3, bool))
     with pytest.raises(ValueError, match="dynamic-rank env"):
         FullRankPolicy(gym.make("CartPole-v1"))
     env.reset(options={"window": 0})
     with pytest.raises(ValueError, match="one observation at a time"):
-        GreedyOraclePolicy(env).predict(np.zeros((2, 27), np.float32))
+        GreedyOraclePolicy(env).predict(np.zeros((2, 35), np.float32))

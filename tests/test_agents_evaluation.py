@@ -26,7 +26,7 @@ from agents import (
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
 from drrl_env.replay import ReplayMismatch
 
-TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"][0], "max_windows": 2}
+TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"], "max_windows": 2}
 WINDOWS = [1, 0]
 NUMBERS = ["return", "mean_fidelity", "flops_ratio", "flops_reduction", "mean_perturbation"]
 
@@ -61,7 +61,9 @@ def test_one_row_per_policy_and_window(board):
         "dqn",
     ]
     full = frame[frame.policy == "full_rank"]
-    assert (full.flops_reduction == 0.0).all() and (full.mean_fidelity == 1.0).all()
+    # Exact attention pays only the observation's features: rotating each new key once.
+    assert ((-0.1 < full.flops_reduction) & (full.flops_reduction < 0)).all()
+    assert (full.mean_fidelity == 1.0).all()
     assert all(np.all(np.array(json.loads(r)) == 64) for r in full.ranks)
     for record in frame.to_dict("records"):
         rewards = json.loads(record["rewards"])
@@ -84,7 +86,7 @@ def test_one_row_per_policy_and_window(board):
 
 def test_the_csv_replays_exactly(board, env):
     frame, path = board
-    replayed = replay_csv(path, env, rtol=0.0)
+    replayed = replay_csv(path, env)
     written = read_csv(path)
     for column in [*NUMBERS, "mean_rank", "masked_actions"]:
         np.testing.assert_array_equal(replayed[column], written[column], err_msg=column)
@@ -126,7 +128,7 @@ def test_live_rows_record_and_replay_perplexity(cache_root, tmp_path):
     assert record["backend"] == "live" and record["policy"] == "energy_threshold_0.9"
     assert math.isfinite(record["perplexity"]) and math.isfinite(record["perplexity_full"])
     assert record["perplexity"] != record["perplexity_full"]
-    replayed = replay_csv(path, live, rtol=0.0)
+    replayed = replay_csv(path, live)
     for column in [*NUMBERS, "perplexity", "perplexity_full"]:
         assert replayed.loc[0, column] == record[column], column
     edited = read_csv(path)
@@ -145,5 +147,5 @@ def test_bad_evaluation_input(env, cache_root):
     live = DynamicRankEnv(**TINY, ranks=(16, 32, 48, 64), backend="live", cache_dir=cache_root)
     with pytest.raises(ValueError, match="incompatible observation sizes"):
         evaluate_policy_on_windows(make_agent("ppo", env), live, [0])
-    with pytest.raises(ValueError, match="built for observations of size 27"):
+    with pytest.raises(ValueError, match="built for observations of size 35"):
         evaluate_policy_on_windows(FullRankPolicy(env), live, [0])

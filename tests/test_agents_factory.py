@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 from dataclasses import fields
 
 import gymnasium as gym
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.save_util import load_from_zip_file
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 import drrl_env
 from agents import (
@@ -22,10 +26,16 @@ from agents import (
     make_agent,
     save_agent,
 )
+from agents.factory import (
+    SIGNATURE_ATTRIBUTE,
+    check_signature_match,
+    env_signature,
+    signature_differences,
+)
 from agents.hyperparams import ALGO_PARAMS
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
 
-TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"][0], "max_windows": 2}
+TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"], "max_windows": 2}
 SHORT = {
     "ppo": {"n_steps": 64, "batch_size": 32, "n_epochs": 2},
     "maskable_ppo": {"n_steps": 64, "batch_size": 32, "n_epochs": 2},
@@ -152,17 +162,112 @@ def test_loading_into_an_env_of_another_observation_size(env, cache_root, tmp_pa
     four_ranks = DynamicRankEnv(
         **TINY, ranks=(16, 32, 48, 64), backend="live", cache_dir=cache_root
     )
-    assert four_ranks.observation_space.shape == (19,)
-    with pytest.raises(
-        ValueError, match=r"incompatible observation sizes.*\(27,\) \(8 candidate ranks\).*4 cand"
-    ):
+    (eight,), (four,) = env.observation_space.shape, four_ranks.observation_space.shape
+    assert four < eight
+    with pytest.raises(ValueError, match=r"actions: the agent has 8 actions, the env 4") as info:
         load_agent(path, env=four_ranks)
+    assert re.search(r"^\s*observation: \d+ of \d+ differ", str(info.value), re.MULTILINE)
+    assert not re.search(r"^\s*(model|method):", str(info.value), re.MULTILINE)
     with pytest.raises(ValueError, match="holds a ppo agent, not dqn"):
         load_agent(path, algo="dqn")
+
+    PPO("MlpPolicy", env, n_steps=16, batch_size=16).save(tmp_path / "plain")
+    with (
+        pytest.warns(UserWarning, match="without an env signature"),
+        pytest.raises(
+            ValueError,
+            match=rf"incompatible observation sizes.*\({eight},\) \(8 candidate ranks\)"
+            rf".*\({four},\) \(4 cand",
+        ),
+    ):
+        load_agent(tmp_path / "plain", algo="ppo", env=four_ranks)
 
 
 def test_loading_a_plain_sb3_file_needs_the_algorithm(env, tmp_path):
     PPO("MlpPolicy", env, n_steps=16, batch_size=16).save(tmp_path / "plain")
     with pytest.raises(ValueError, match="pass algo="):
         load_agent(tmp_path / "plain.zip")
-    assert isinstance(load_agent(tmp_path / "plain", algo="ppo", env=env), PPO)
+    with pytest.warns(UserWarning, match=r"plain\.zip was saved without an env signature"):
+        again = load_agent(tmp_path / "plain", algo="ppo", env=env)
+    assert isinstance(again, PPO)
+
+
+# -- env signature: an action index must mean the same rank after loading ----------------
+
+
+@pytest.fixture(scope="module")
+def saved_ppo(env, tmp_path_factory):
+    """A PPO agent made and saved on the default grid of DRRL-Tiny-v0 (8, 16, ..., 64)."""
+    model = make_agent("ppo", env, seed=0, **SHORT["ppo"])
+    return save_agent(model, tmp_path_factory.mktemp("signature") / "ppo")
+
+
+def test_save_agent_stores_the_training_env_signature_in_the_zip(env, saved_ppo, tmp_path):
+    data, _, _ = load_from_zip_file(saved_ppo)
+    assert data[SIGNATURE_ATTRIBUTE] == env.unwrapped.signature()
+    assert data[SIGNATURE_ATTRIBUTE]["actions"][3][0] == 32  # [rank, keep] of action 3
+
+    again = load_agent(saved_ppo)  # no env: the signature travels with the model
+    resaved, _, _ = load_from_zip_file(save_agent(again, tmp_path / "resaved"))
+    assert resaved[SIGNATURE_ATTRIBUTE] == env.unwrapped.signature()
+
+
+def test_an_env_whose_actions_mean_other_ranks_is_refused(env, saved_ppo, cache_root):
+    other = gym.make("DRRL-Tiny-Live-v0", ranks=[1, 2, 3, 4, 5, 6, 7, 64], cache_dir=cache_root)
+    # The spaces agree, so only the signature can tell that action 3 means rank 4, not 32.
+    assert other.observation_space == env.observation_space
+    assert other.action_space == env.action_space
+    with pytest.raises(ValueError, match="actions: 7 of 8 differ") as info:
+        load_agent(saved_ppo, env=other)
+    message = str(info.value)
+    assert str(saved_ppo) in message
+    saved, current = env.unwrapped.signature()["actions"], other.unwrapped.signature()["actions"]
+    assert (saved[3][0], current[3][0]) == (32, 4)
+    assert f"action 3: {saved[3]!r} vs {current[3]!r}" in message
+    assert "action 7" not in message, "the full-rank action is the same in both grids"
+    assert not re.search(r"^\s*(model|method|observation):", message, re.MULTILINE)
+
+
+def test_an_env_with_the_same_grid_loads_without_warning(env, saved_ppo, cache_root):
+    same = gym.make("DRRL-Tiny-Live-v0", cache_dir=cache_root)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*env signature")
+        again = load_agent(saved_ppo, env=same)
+    assert getattr(again, SIGNATURE_ATTRIBUTE) == same.unwrapped.signature()
+
+
+def test_an_env_with_another_method_is_refused(saved_ppo, cache_root):
+    svd = gym.make("DRRL-Tiny-v0", method="svd", max_windows=2, cache_dir=cache_root)
+    with pytest.raises(ValueError, match="method: the agent's 'calibrated', the env's 'svd'"):
+        load_agent(saved_ppo, env=svd)
+
+
+def test_a_missing_file_names_the_resolved_zip_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = re.escape(str(tmp_path.resolve() / "runs" / "agent.zip"))
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_agent("runs/agent")
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_agent("runs/agent.zip")
+
+
+def test_signature_of_a_vec_env_and_of_an_env_without_one(env):
+    assert env_signature(DummyVecEnv([lambda: env])) == env.unwrapped.signature()
+    cartpole = gym.make("CartPole-v1")
+    assert env_signature(cartpole) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_signature_match(None, cartpole)  # nothing to compare, nothing to warn about
+    with pytest.raises(ValueError, match="model='tiny-llama'.*has no signature"):
+        check_signature_match(env.unwrapped.signature(), cartpole)
+
+
+def test_signature_differences_compare_every_key():
+    saved = {"model": "m", "actions": [[8, 1.0], [16, 1.0]], "budget": 0.5}
+    current = {"model": "m", "actions": [[8, 1.0], [16, 0.5]], "reward": "fidelity"}
+    assert signature_differences(saved, current) == [
+        "actions: 1 of 2 differ (agent vs env) - action 1: [16, 1.0] vs [16, 0.5]",
+        "budget: the agent's 0.5, missing from the env's",
+        "reward: missing from the agent's, the env's 'fidelity'",
+    ]
+    assert signature_differences(saved, dict(saved)) == []

@@ -18,15 +18,16 @@ def box(size: int) -> spaces.Box:
 
 @pytest.mark.parametrize("n_ranks", [1, 4, 8, 16])
 def test_layout_is_reconstructed_from_the_space_size(n_ranks):
-    layout = ObservationLayout(n_ranks)
-    assert layout_for_space(box(layout.size)) == layout
+    for budgeted in (False, True):
+        layout = ObservationLayout(n_ranks, budgeted)
+        assert layout_for_space(box(layout.size)) == layout
 
 
 @pytest.mark.parametrize(
     ("space", "match"),
     [
-        (box(26), "not a dynamic-rank observation"),
-        (box(11), "n_ranks >= 1"),
+        (box(27), "not a dynamic-rank observation"),
+        (box(11), "n_actions >= 1"),
         (spaces.Box(0, 1, (3, 9), np.float32), "flat Box"),
         (spaces.Discrete(27), "flat Box"),
     ],
@@ -39,7 +40,7 @@ def test_spaces_that_fit_no_layout(space, match):
 def test_token_spec_covers_every_entry_once():
     layout = ObservationLayout(8)
     spec = token_spec(layout)
-    assert spec.rank_features == ("energy", "perturbation")
+    assert spec.rank_features == ("energy", "perturbation", "action_cost")
     assert [name for name, _ in spec.groups] == [
         "position",
         "sequence_dynamics",
@@ -47,8 +48,8 @@ def test_token_spec_covers_every_entry_once():
         "flops_spent",
     ]
     assert spec.n_tokens == 1 + 8 + 4
-    energy, perturbation = layout.slices["energy"], layout.slices["perturbation"]
-    np.testing.assert_array_equal(spec.rank_index[3], [energy.start + 3, perturbation.start + 3])
+    starts = [layout.slices[name].start for name in spec.rank_features]
+    np.testing.assert_array_equal(spec.rank_index[3], [start + 3 for start in starts])
     used = [*spec.rank_index.flatten().tolist(), *(i for _, idx in spec.groups for i in idx)]
     assert sorted(used) == list(range(layout.size))
 
@@ -91,7 +92,7 @@ def test_features_shape_and_gradients_on_real_observations(tmp_path_factory):
 
 def test_inconsistent_arguments_are_refused():
     space = box(ObservationLayout(8).size)
-    with pytest.raises(ValueError, match="layout has 19 entries"):
+    with pytest.raises(ValueError, match="layout has 23 entries"):
         StateTokenExtractor(space, layout=ObservationLayout(4))
     with pytest.raises(ValueError, match="n_heads=3 must divide d_model=32"):
         StateTokenExtractor(space, n_heads=3)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
-import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -12,12 +12,13 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 import drrl_env
-from drrl_env.envs.backends import CachedRollouts
+from drrl_env.envs.backends.cached import RolloutCache
 from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
-from drrl_env.replay import ReplayMismatch, live_env, replay, validate
+from drrl_env.replay import ReplayMismatch, actions_of, live_env, replay, validate
 
-TINY = drrl_env.ENV_IDS["DRRL-Tiny-v0"][0]
+TINY = drrl_env.ENV_IDS["DRRL-Tiny-v0"]
+STEPS = 16  # 4 segments x 4 layers
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,12 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_env(cache_root):
-    return gym.make("DRRL-Tiny-v0", cache_dir=cache_root)
+    return gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4)
 
 
 @pytest.fixture(scope="module")
 def tiny_live(cache_root):
-    return DynamicRankEnv(**TINY, backend="live", cache_dir=cache_root)
+    return DynamicRankEnv(**{**TINY, "max_windows": 4}, backend="live", cache_dir=cache_root)
 
 
 def rollout(env, actions, window=0):
@@ -53,39 +54,62 @@ def test_import_registers_ids_without_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_registered_ids_and_their_meaning():
+    assert {"DRRL-Wikitext-v0", "DRRL-Wikitext-Live-v0", "DRRL-Wikitext-SVD-v0"} <= set(
+        drrl_env.ENV_IDS
+    )
+    assert drrl_env.ENV_IDS["DRRL-Wikitext-v0"] == {"backend": "cached"}  # gram, cosine
+    assert drrl_env.ENV_IDS["DRRL-Wikitext-TopK-v0"]["method"] == "topk"
+    assert drrl_env.ENV_IDS["DRRL-Wikitext-Budget-v0"]["budget"] == 0.6
+    for env_id in drrl_env.ENV_IDS:
+        assert gym.spec(env_id).max_episode_steps is None  # episodes end themselves
+
+
 def test_spaces_and_episode_length(tiny_env):
     env = tiny_env.unwrapped
     assert env.ranks == (8, 16, 24, 32, 40, 48, 56, 64)
     assert env.action_space == gym.spaces.Discrete(8)
-    assert env.observation_space.shape == (env.layout.size,) == (27,)
+    assert env.observation_space.shape == (env.layout.size,) == (11 + 3 * 8,)
     assert env.observation_space.dtype == np.float32
-    trace = rollout(tiny_env, [7] * 16)
+    trace = rollout(tiny_env, [7] * STEPS)
     assert [step[2] for step in trace[1:]] == [False] * 15 + [True]
+    assert not any(step[3] for step in trace[1:])
     summary = trace[-1][4]["episode_summary"]
-    assert summary["flops_reduction"] == pytest.approx(0.0)
+    # Exact attention still pays the observation's features (rotating each new key once).
+    assert 0 > summary["flops_reduction"] > -0.2
     assert summary["mean_fidelity"] == pytest.approx(1.0)
     assert np.array(summary["ranks"]).shape == (4, 4)
 
 
-def test_both_env_checkers_pass(tiny_env):
+def test_episode_length_follows_the_configuration_whatever_the_kwargs(cache_root):
+    env = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=1, seq_len=1024)
+    trace = rollout(env, [7] * 32)
+    assert [step[2] for step in trace[1:]] == [False] * 31 + [True]
+    assert "episode_summary" in trace[-1][4]
+    assert np.array(trace[-1][4]["episode_summary"]["ranks"]).shape == (8, 4)
+
+
+@pytest.mark.parametrize(
+    "env_id", ["DRRL-Tiny-v0", "DRRL-Tiny-TopK-v0", "DRRL-Tiny-Budget-v0", "DRRL-Tiny-Live-v0"]
+)
+def test_both_env_checkers_pass(cache_root, env_id):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    gym_check_env(tiny_env.unwrapped)
-    sb3_check_env(tiny_env.unwrapped)
+    env = gym.make(env_id, cache_dir=cache_root, max_windows=2).unwrapped
+    gym_check_env(env)
+    sb3_check_env(env)
 
 
 def test_observations_stay_in_bounds(tiny_env):
     rng = np.random.default_rng(0)
     for window in range(3):
-        for step in rollout(tiny_env, rng.integers(0, 8, size=16), window)[1:]:
+        for step in rollout(tiny_env, rng.integers(0, 8, size=STEPS), window)[1:]:
             assert tiny_env.observation_space.contains(step[0])
 
 
 def test_determinism_same_seed_same_actions(cache_root):
-    first, second = (gym.make("DRRL-Tiny-v0", cache_dir=cache_root) for _ in range(2))
-    actions = np.random.default_rng(1).integers(0, 8, size=16)
-    for env in (first, second):
-        env.reset(seed=123)
+    first, second = (gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4) for _ in "ab")
+    actions = np.random.default_rng(1).integers(0, 8, size=STEPS)
     traces = []
     for env in (first, second):
         obs, info = env.reset(seed=7)
@@ -103,56 +127,60 @@ def test_determinism_same_seed_same_actions(cache_root):
 
 def test_reward_is_the_documented_formula(tiny_env):
     env = tiny_env.unwrapped
+    weights = env.config.weights
     for _, reward, _, _, info in rollout(tiny_env, [0, 3, 5, 7] * 4)[1:]:
+        assert info["fidelity"] == info["raw_cosine"]  # the default fidelity term
         expected = (
-            env.config.alpha * info["fidelity"]
-            - env.config.beta * info["flops_ratio"]
-            - env.config.gamma * info["perturbation"]
+            weights.alpha * info["fidelity"]
+            - weights.beta * info["flops_ratio"]
+            - weights.gamma * info["perturbation"]
         )
         assert reward == pytest.approx(expected, abs=1e-12)
         assert info["flops_ratio"] == pytest.approx(info["flops"] / info["flops_full"])
+        assert info["reward"] == reward
+
+
+def test_loss_fidelity_term_scales_the_estimated_loss_change(cache_root):
+    env = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, fidelity="loss")
+    for *_, info in rollout(env, [0, 3, 5, 7] * 4)[1:]:
+        assert info["fidelity"] == pytest.approx(1 - STEPS * info["raw_dnll_taylor"])
+        if info["rank"] == 64:
+            assert info["fidelity"] == 1.0
+    summary = info["episode_summary"]
+    assert summary["mean_fidelity"] == pytest.approx(1 - summary["dnll_taylor_sum"])
 
 
 def test_cached_and_live_agree_on_first_layer_of_first_segment(tiny_env, tiny_live):
     for action in (0, 2, 7):
         cached = rollout(tiny_env, [action], window=3)
         live = rollout(tiny_live, [action], window=3)
-        np.testing.assert_array_equal(cached[0], live[0])
-        for key in ("fidelity", "flops", "flops_full", "perturbation", "reward", "rank"):
+        np.testing.assert_allclose(cached[0], live[0], rtol=0, atol=1e-6)
+        for key in ("flops", "flops_full", "rank"):
             assert cached[1][4][key] == live[1][4][key], key
+        for key in ("fidelity", "perturbation", "reward"):
+            assert cached[1][4][key] == pytest.approx(live[1][4][key], abs=1e-6), key
 
 
 def test_live_episode_reports_perplexity_and_compounds_errors(tiny_live):
     from drrl_env.lm.runner import run_window
 
     env = tiny_live
-    trace = rollout(env, [0] * 16, window=1)
+    trace = rollout(env, [0] * STEPS, window=1)
     summary = trace[-1][4]["episode_summary"]
-    result = run_window(
-        env.backend.lm,
-        env.backend.tokens[1],
-        128,
-        "calibrated",
-        schedule=np.array(summary["ranks"]),
-        basis=env.backend._basis,
-    )
+    backend = env.backend
+    tokens = backend.tokens[1]
+    result = run_window(backend.lm, tokens, 128, backend.method, np.array(summary["ranks"]))
     assert summary["perplexity"] == pytest.approx(result.perplexity, rel=1e-12)
-    full = run_window(
-        env.backend.lm,
-        env.backend.tokens[1],
-        128,
-        "calibrated",
-        schedule=None,
-        basis=env.backend._basis,
-    )
+    full = run_window(backend.lm, tokens, 128, "full")
     assert summary["perplexity_full"] == pytest.approx(full.perplexity, rel=1e-12)
+    assert summary["perplexity"] != summary["perplexity_full"]
 
 
 def test_masks_guardrail(tiny_env):
     env = tiny_env.unwrapped
     env.reset(options={"window": 0})
     saw_masked = False
-    for _ in range(16):
+    for _ in range(STEPS):
         mask = env.action_masks()
         assert mask.dtype == bool and mask.shape == (8,) and mask[-1]
         perturbations = env._perturbations
@@ -162,7 +190,7 @@ def test_masks_guardrail(tiny_env):
         _, _, terminated, _, info = env.step(action)
         if blocked.size:
             saw_masked = True
-            assert info["action_masked"] and info["requested_rank"] == env.ranks[action]
+            assert info["action_masked"] and info["requested_action"] == action
             assert info["rank"] > info["requested_rank"]
         if terminated:
             break
@@ -173,7 +201,7 @@ def test_greedy_policy_is_neither_full_rank_nor_static(tiny_env):
     env = tiny_env.unwrapped
     chosen, greedy_return = [], 0.0
     env.reset(options={"window": 0})
-    for _ in range(16):
+    for _ in range(STEPS):
         rewards = env.candidate_rewards()
         allowed = np.flatnonzero(env.action_masks())
         action = int(allowed[np.argmax(rewards[allowed])])
@@ -182,39 +210,154 @@ def test_greedy_policy_is_neither_full_rank_nor_static(tiny_env):
         chosen.append(info["rank"])
         greedy_return += reward
     assert len(set(chosen)) > 1 and set(chosen) != {64}
-    full_return = sum(step[1] for step in rollout(tiny_env, [7] * 16)[1:])
+    full_return = sum(step[1] for step in rollout(tiny_env, [7] * STEPS)[1:])
     assert greedy_return > full_return
 
 
 def test_replay_reproduces_rewards_and_perplexity(tiny_live):
     trace = rollout(tiny_live, [7, 4, 2, 0] * 4, window=2)
-    schedule = np.array(trace[-1][4]["episode_summary"]["ranks"])
-    assert len(set(schedule.flatten())) > 1
-    first = replay(tiny_live, 2, schedule)
+    summary = trace[-1][4]["episode_summary"]
+    actions = np.array(summary["actions"])
+    assert len(set(actions.flatten())) > 1
+    np.testing.assert_array_equal(actions_of(tiny_live, summary["ranks"]), actions)
+    first = replay(tiny_live, 2, actions)
     assert first.rewards.tolist() == [step[1] for step in trace[1:]]
-    again = validate(tiny_live, 2, schedule, rewards=first.rewards, perplexity=first.perplexity)
+    again = validate(tiny_live, 2, actions, rewards=first.rewards, perplexity=first.perplexity)
     np.testing.assert_array_equal(again.rewards, first.rewards)
     with pytest.raises(ReplayMismatch, match="perplexity"):
-        validate(tiny_live, 2, schedule, perplexity=first.perplexity * 1.01)
+        validate(tiny_live, 2, actions, perplexity=first.perplexity * 1.001)
     with pytest.raises(ReplayMismatch, match="reward"):
-        validate(tiny_live, 2, schedule, rewards=first.rewards + 0.01)
+        validate(tiny_live, 2, actions, rewards=first.rewards + 1e-3)
     with pytest.raises(ValueError, match="shape"):
-        replay(tiny_live, 2, schedule[:2])
-    with pytest.raises(ValueError, match="grid"):
-        replay(tiny_live, 2, np.full((4, 4), 7))
+        replay(tiny_live, 2, actions[:2])
+    with pytest.raises(ValueError, match="integers in 0..7"):
+        replay(tiny_live, 2, np.full((4, 4), 8))
     assert live_env(EnvConfig(**TINY, cache_dir=None)).config.backend == "live"
+
+
+# -- budgeted episodes -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def budget_env(cache_root):
+    return gym.make("DRRL-Tiny-Budget-v0", cache_dir=cache_root, max_windows=2)
+
+
+def test_budget_wall_keeps_every_episode_within_budget(budget_env):
+    env = budget_env.unwrapped
+    assert env.layout.budgeted and env.layout.size == 13 + 3 * 8
+    rng = np.random.default_rng(0)
+    for episode in range(6):
+        env.reset(options={"window": episode % 2})
+        replaced = 0
+        for step in range(STEPS):
+            mask = env.action_masks()
+            assert mask.any()
+            spent = env._spent
+            costs = env.costs.executed[step // env.n_layers]
+            future = env.wall.min_future[step + 1]
+            np.testing.assert_array_equal(mask, spent + costs + future <= env.wall.cap * (1 + 1e-9))
+            action = int(rng.integers(8)) if episode % 2 else 7  # greedy for quality, or random
+            _, reward, terminated, _, info = env.step(action)
+            assert info["action_masked"] == (not mask[action])
+            if not mask[action]:
+                replaced += 1
+                assert mask[info["action"]] and info["requested_action"] == action
+                assert costs[info["action"]] == costs[mask].max()  # the most expensive allowed
+            assert reward == info["fidelity"]  # the budget replaces beta and gamma
+            assert budget_env.observation_space.contains(env._observation)
+        summary = info["episode_summary"]
+        assert summary["flops_ratio"] <= 0.6 + 1e-9
+        assert terminated and summary["masked_actions"] == replaced
+        if episode % 2 == 0:  # asking for exact attention everywhere spends the budget
+            assert summary["flops_ratio"] > 0.55 and replaced > 0
+
+
+def test_budget_observation_shows_what_is_left(budget_env):
+    env = budget_env.unwrapped
+    observation, _ = env.reset(options={"window": 0})
+    slices = env.layout.slices
+    assert observation[slices["budget_left"]][0] == pytest.approx(0.6)
+    assert observation[slices["steps_left"]][0] == 1.0
+    observation, *_ = env.step(0)
+    spent = env._spent / env.episode_full_flops
+    assert observation[slices["budget_left"]][0] == pytest.approx(0.6 - spent, abs=1e-6)
+    assert observation[slices["steps_left"]][0] == pytest.approx(15 / 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0.0}, r"budget must be a number in \(0, 1\]"),
+        ({"budget": 1.5}, r"budget must be a number in \(0, 1\]"),
+        ({"budget": 0.5, "beta": 0.3}, "leave beta unset"),
+        ({"budget": 0.5, "gamma": 0.1}, "leave gamma unset"),
+    ],
+)
+def test_bad_budget(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EnvConfig(**{**TINY, "method": "topk", **kwargs})
+
+
+def test_budget_below_the_cheapest_schedule_names_the_minimum(cache_root):
+    with pytest.raises(ValueError, match=r"budget=0.05 is below .* the minimum is 0\.\d+"):
+        gym.make("DRRL-Tiny-Budget-v0", cache_dir=cache_root, max_windows=2, budget=0.05)
+
+
+def test_pair_grid_of_ranks_and_keeps(cache_root):
+    env = gym.make(
+        "DRRL-Tiny-TopK-v0",
+        cache_dir=cache_root,
+        max_windows=2,
+        keeps=(0.25, 0.5),
+        max_perturbation=1.0,
+    ).unwrapped
+    labels = env.actions.labels()
+    assert labels[:3] == ["r8k0.25", "r8k0.5", "r16k0.25"] and labels[-1] == "r64"
+    assert env.action_space.n == 7 * 2 + 1
+    trace = rollout(env, [0, 1, 14, 2] * 4)
+    assert {step[4]["keep"] for step in trace[1:]} == {0.25, 0.5, 1.0}
+    assert trace[-1][4]["episode_summary"]["keeps"][0] == [0.25, 0.5, 1.0, 0.25]
+
+
+# -- several environments, pickling ---------------------------------------------------------
+
+
+def test_two_live_envs_in_one_process(cache_root):
+    first, second = (
+        gym.make("DRRL-Tiny-Live-v0", cache_dir=cache_root, max_windows=2) for _ in "ab"
+    )
+    alone = rollout(first, [3] * STEPS, window=1)[-1][4]["episode_summary"]
+    first.reset(options={"window": 1})
+    second.reset(options={"window": 0})
+    for _ in range(STEPS):  # interleaved steps, one model
+        _, _, _, _, info_first = first.step(3)
+        second.step(5)
+    summary = info_first["episode_summary"]
+    assert summary["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-9)
+
+
+def test_live_env_refuses_pickle_and_says_what_to_do(tiny_live):
+    with pytest.raises(TypeError, match="cannot be pickled.*configuration"):
+        pickle.dumps(tiny_live)
+
+
+def test_cached_env_pickles(tiny_env):
+    clone = pickle.loads(pickle.dumps(tiny_env.unwrapped))
+    a, b = rollout(clone, [2] * 3, window=1), rollout(tiny_env, [2] * 3, window=1)
+    np.testing.assert_array_equal(a[-1][0], b[-1][0])
 
 
 # -- bad input ---------------------------------------------------------------------------
 
 
 def test_step_before_reset_and_after_end(cache_root):
-    env = DynamicRankEnv(**TINY, cache_dir=cache_root)
+    env = DynamicRankEnv(**{**TINY, "max_windows": 4}, cache_dir=cache_root)
     with pytest.raises(RuntimeError, match="before reset"):
         env.step(0)
     with pytest.raises(RuntimeError, match="before reset"):
         env.action_masks()
-    rollout(env, [7] * 16)
+    rollout(env, [7] * STEPS)
     with pytest.raises(RuntimeError, match="ended"):
         env.step(0)
 
@@ -226,9 +369,15 @@ def test_action_outside_space(tiny_env, action):
         tiny_env.unwrapped.step(action)
 
 
-def test_window_option_out_of_range(tiny_env):
+@pytest.mark.parametrize("options", [{"window": 10_000}, {"window": 1.0}, {"window": True}])
+def test_window_option_out_of_range(tiny_env, options):
     with pytest.raises(ValueError, match="window"):
-        tiny_env.reset(options={"window": 10_000})
+        tiny_env.reset(options=options)
+
+
+def test_misspelt_reset_option_is_refused(tiny_env):
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['windw'\]"):
+        tiny_env.reset(options={"windw": 1})
 
 
 @pytest.mark.parametrize(
@@ -236,12 +385,26 @@ def test_window_option_out_of_range(tiny_env):
     [
         ({"ranks": (16, 8, 64)}, "increasing"),
         ({"ranks": (0, 64)}, "increasing"),
+        ({"ranks": (8.7, 64)}, "integers"),
+        ({"ranks": "8,64"}, "sequence of numbers"),
         ({"seq_len": 500}, "multiple"),
         ({"split": "test"}, "split"),
         ({"backend": "remote"}, "backend"),
-        ({"method": "qr"}, "method"),
+        ({"method": "qr"}, "not registered; methods: full, gram"),
+        ({"fidelity": "mse"}, "not a fidelity term; terms: cosine, loss, loss-fisher"),
         ({"beta": -1.0}, "beta"),
+        ({"beta": float("inf")}, "beta must be a finite number"),
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"gamma": "0.1"}, "gamma"),
         ({"max_perturbation": 2.0}, "max_perturbation"),
+        ({"max_windows": 2.5}, "max_windows must be an int"),
+        ({"max_windows": 0}, "max_windows must be an int"),
+        ({"keep": 0.5}, "sparse methods"),
+        ({"method": "topk", "keep": 1.5}, r"keep must be a number in \(0, 1\]"),
+        ({"method": "topk", "keep": 0.0}, r"keep must be a number in \(0, 1\]"),
+        ({"method": "topk", "keeps": (0.5, 0.25)}, "increasing"),
+        ({"device": "cuda"}, "CUDA is not available"),
+        ({"device": "tpu"}, "device"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -254,32 +417,20 @@ def test_ranks_beyond_head_dim(cache_root):
         DynamicRankEnv(**{**TINY, "ranks": (8, 80)}, cache_dir=cache_root)
 
 
-def test_too_short_corpus(tmp_path, cache_root):
+def test_too_short_corpus(tmp_path):
     short = tmp_path / "wiki.test.raw"
     short.write_text(" = A = \n Short text . \n = B = \n Also short . \n")
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="seq_len|window needs"):
         DynamicRankEnv(**TINY, data_path=str(short), cache_dir=str(tmp_path / "c"))
 
 
-def test_corrupt_or_stale_cache_is_rebuilt(tmp_path):
-    config = EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path))
-    reference = DynamicRankEnv(config)
-    path = CachedRollouts.path(config)
-    path.write_bytes(b"not a cache")
-    with pytest.warns(UserWarning, match="rebuilding"):
-        rebuilt = DynamicRankEnv(config)
-    np.testing.assert_array_equal(
-        rebuilt.backend.rollouts.fidelity, reference.backend.rollouts.fidelity
-    )
-    with np.load(path) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    arrays["key"] = np.array('{"other": 1}')
-    np.savez(path, **arrays)
-    with pytest.warns(UserWarning, match="another configuration"):
-        DynamicRankEnv(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        DynamicRankEnv(config)  # now valid: loads silently
+def test_a_plain_text_corpus_works(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    lines = [f"Sentence number {i} talks about a topic of its own, briefly." for i in range(400)]
+    corpus.write_text("\n".join(lines))
+    env = gym.make("DRRL-Tiny-v0", data_path=str(corpus), cache_dir=str(tmp_path / "c"))
+    assert env.unwrapped.backend.n_windows >= 2
+    rollout(env, [3] * STEPS)
 
 
 @pytest.mark.slow
@@ -292,15 +443,125 @@ def test_smollm2_env_passes_checkers(tmp_path):
     assert env.n_layers == 30 and env.ranks[-1] == 64
 
 
-def test_cache_of_more_windows_serves_fewer(tmp_path):
-    three = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 3}, cache_dir=str(tmp_path)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        two = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
-    assert two.backend.n_windows == 2
-    np.testing.assert_array_equal(
-        two.backend.rollouts.fidelity, three.backend.rollouts.fidelity[:2]
-    )
-    with pytest.warns(UserWarning, match="holds 3 windows"):
-        four = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 4}, cache_dir=str(tmp_path)))
-    assert four.backend.n_windows == 4
+# -- the cache: keyed, resumable, extended, checked ------------------------------------------
+
+
+def test_cache_of_more_windows_serves_fewer_and_extends(tmp_path, monkeypatch):
+    config = EnvConfig(**{**TINY, "max_windows": 3}, cache_dir=str(tmp_path))
+    three = DynamicRankEnv(config)
+    built = []
+    original = RolloutCache.build
+
+    def spy(self, *args, **kwargs):
+        built.append(list(self.missing() or []))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutCache, "build", spy)
+    two = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
+    assert two.backend.n_windows == 2 and built == []
+    np.testing.assert_array_equal(two.backend.tokens, three.backend.tokens[:2])
+    five = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 5}, cache_dir=str(tmp_path)))
+    assert five.backend.n_windows == 5 and built == [[3, 4]]  # only the new windows
+
+
+def test_interrupted_build_resumes_and_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    import drrl_env.envs.backends.cached as cached
+
+    original = cached.window_builder
+    calls = []
+
+    def failing_builder(config, threads=None):
+        build = original(config, threads)
+
+        def build_window(window):
+            calls.append(window)
+            if window == 2 and calls.count(2) == 1:
+                raise KeyboardInterrupt
+            return build(window)
+
+        return build_window
+
+    monkeypatch.setattr(cached, "window_builder", failing_builder)
+    config = EnvConfig(**{**TINY, "max_windows": 4}, cache_dir=str(tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):
+        DynamicRankEnv(config)
+    assert RolloutCache(config).missing() == [2, 3]  # windows 0 and 1 were kept
+    resumed = DynamicRankEnv(config)
+    assert calls == [0, 1, 2, 2, 3]
+    monkeypatch.setattr(cached, "window_builder", original)
+    clean = DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 4}, cache_dir=str(tmp_path / "b")))
+    for window in range(4):
+        a = resumed.backend.cache.store.read_shard(window)
+        b = clean.backend.cache.store.read_shard(window)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_read_only_cache_folder_fails_before_building(tmp_path, monkeypatch):
+    from drrl_env.store import ShardStore, StoreNotWritableError
+
+    def not_writable(self):
+        raise StoreNotWritableError(f"cache folder {self.folder} is not writable")
+
+    monkeypatch.setattr(ShardStore, "check_writable", not_writable)
+    import drrl_env.envs.backends.cached as cached
+
+    monkeypatch.setattr(cached, "shared_model", lambda *a: pytest.fail("built before checking"))
+    with pytest.raises(StoreNotWritableError, match="not writable"):
+        DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
+
+
+def test_non_finite_cached_features_are_refused(tmp_path):
+    config = EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path))
+    env = DynamicRankEnv(config)
+    shard = env.backend.cache.store._shard_path(1) / "input_stats.npy"
+    stats = np.load(shard)
+    stats[0, 0, 1] = np.nan
+    np.save(shard, stats)
+    fresh = DynamicRankEnv(config)
+    fresh.reset(options={"window": 0})  # window 0 is fine
+    with pytest.raises(ValueError, match="input_stats of window 1 holds non-finite"):
+        fresh.reset(options={"window": 1})
+
+
+def tiny_model_folder(folder, seed: int) -> str:
+    """A small GPT-2 saved with save_pretrained, with a byte-level BPE tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from drrl_env.lm.models import tiny_config
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = byte_level, decoders.ByteLevel()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("tiny-gpt2"))
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def test_new_weights_in_a_model_folder_are_never_served_stale(tmp_path):
+    folder = tiny_model_folder(tmp_path / "model", seed=1)
+    kwargs = {
+        "model": folder,
+        "seq_len": 256,
+        "segment_length": 128,
+        "method": "gram",
+        "max_windows": 1,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    before = DynamicRankEnv(**kwargs)
+    rewards_before = [step[1] for step in rollout(before, [0] * 4)[1:]]
+    tiny_model_folder(tmp_path / "model", seed=2)  # other weights, same folder
+    from drrl_env.envs.backends.resources import shared_model
+
+    shared_model.cache_clear()
+    after = DynamicRankEnv(**kwargs)
+    assert after.backend.cache.store.folder != before.backend.cache.store.folder
+    rewards_after = [step[1] for step in rollout(after, [0] * 4)[1:]]
+    assert rewards_after != rewards_before

@@ -1,19 +1,26 @@
-"""Tests for executed-FLOPs accounting against hand counts."""
+"""The shared FLOPs counts against hand counts (each method's own count: test_methods.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from drrl_env.flops import (
-    METHODS,
     FlopsBreakdown,
     attention_core_saving_bound,
     eigh_flops,
     flops_ratio,
     full_attention_flops,
-    lowrank_attention_flops,
     svd_flops,
 )
+from drrl_env.methods import make_method
+from drrl_env.methods.base import CallShape, Setting
+
+
+def lowrank_attention_flops(queries, keys, head_dim, rank, method, heads=1, kv_heads=None):
+    """A method's executed FLOPs at ``rank`` on one call of this shape."""
+    shape = CallShape(queries, keys, head_dim, heads, kv_heads or heads)
+    return make_method(method, head_dim, 1).flops(shape, Setting(rank))
+
 
 # Small concrete shapes: T=4 queries, N=6 keys, d=8, r=2, 2 query heads sharing 1 kv head.
 T, N, D, R, H, KV = 4, 6, 8, 2, 2, 1
@@ -29,76 +36,11 @@ def test_standard_counts() -> None:
 def test_full_hand_count() -> None:
     b = full_attention_flops(T, N, D, heads=H)
     assert b == FlopsBreakdown(
-        subspace=0,
-        projections=0,
         scores=2 * (2 * 4 * 6 * 8),
         softmax=2 * (5 * 4 * 6),
         output=2 * (2 * 4 * 6 * 8),
     )
     assert b.total == 768 + 240 + 768
-
-
-def test_calibrated_hand_count() -> None:
-    b = lowrank_attention_flops(T, N, D, R, "calibrated", heads=H, kv_heads=KV)
-    assert b == FlopsBreakdown(
-        subspace=0,
-        projections=2 * (2 * 4 * 8 * 2 + 2 * 6 * 8 * 2),
-        scores=2 * (2 * 4 * 6 * 2),
-        softmax=2 * (5 * 4 * 6),
-        output=2 * (2 * 4 * 6 * 8),
-    )
-
-
-def test_gram_hand_count_all_keys() -> None:
-    b = lowrank_attention_flops(T, N, D, R, "gram", heads=H, kv_heads=KV)
-    per_query_head = 2 * 4 * 8 * 8 + 8 * 8 + 9 * 8 * 8 * 8
-    per_kv_head = 2 * 6 * 8 * 8
-    assert b.subspace == 2 * per_query_head + 1 * per_kv_head == 11136
-    assert b.projections == 2 * (2 * 4 * 8 * 2 + 2 * 6 * 8 * 2)
-    assert b.scores == 2 * (2 * 4 * 6 * 2)
-    assert b.softmax == 2 * (5 * 4 * 6)
-    assert b.output == 2 * (2 * 4 * 6 * 8)
-
-
-def test_gram_hand_count_new_keys() -> None:
-    b = lowrank_attention_flops(T, N, D, R, "gram", heads=H, kv_heads=KV, new_keys=3)
-    assert b.subspace == 2 * (2 * 4 * 8 * 8 + 8 * 8 + 9 * 8 * 8 * 8) + 1 * (2 * 3 * 8 * 8)
-    zero = lowrank_attention_flops(T, N, D, R, "gram", heads=H, kv_heads=KV, new_keys=0)
-    full_keys = lowrank_attention_flops(T, N, D, R, "gram", heads=H, kv_heads=KV, new_keys=N)
-    assert full_keys == lowrank_attention_flops(T, N, D, R, "gram", heads=H, kv_heads=KV)
-    assert b.subspace - zero.subspace == 2 * 3 * 8 * 8
-    assert b.projections == zero.projections == full_keys.projections
-
-
-def test_svd_hand_count() -> None:
-    b = lowrank_attention_flops(T, N, D, R, "svd", heads=H, kv_heads=KV)
-    svd_q = 4 * 8 * 8 * 4 + 8 * 8 * 4 * 4  # 4 x 8 queries: wide, via the transpose
-    svd_k = 4 * 8 * 8 * 6 + 8 * 8 * 6 * 6  # 6 x 8 keys: wide as well
-    core = 2 * 2 * 8 * 2
-    assert b.subspace == 2 * (svd_q + core) + 1 * svd_k == 8064
-    assert b.projections == 2 * (2 * 4 * 8 * 2 + 2 * 4 * 2 * 2) + 1 * (2 * 6 * 8 * 2) == 512
-    assert b.scores == 2 * (2 * 4 * 6 * 2)
-    assert b.softmax == 2 * (5 * 4 * 6)
-    assert b.output == 2 * (2 * 4 * 6 * 8)
-
-
-def test_svd_key_work_scales_with_kv_heads() -> None:
-    one = lowrank_attention_flops(T, N, D, R, "svd", heads=H, kv_heads=1)
-    two = lowrank_attention_flops(T, N, D, R, "svd", heads=H, kv_heads=2)
-    assert two.subspace - one.subspace == svd_flops(N, D)
-    assert two.projections - one.projections == 2 * N * D * R
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_full_rank_falls_back_to_full(method: str) -> None:
-    full = full_attention_flops(T, N, D, heads=H)
-    assert lowrank_attention_flops(T, N, D, D, method, heads=H, kv_heads=KV) == full
-
-
-def test_full_method_ignores_rank() -> None:
-    assert lowrank_attention_flops(T, N, D, R, "full", heads=H) == full_attention_flops(
-        T, N, D, heads=H
-    )
 
 
 def test_breakdown_sum_and_dict() -> None:
@@ -109,7 +51,10 @@ def test_breakdown_sum_and_dict() -> None:
     assert sum([a, b]) == s
     d = s.as_dict()
     assert d["total"] == s.total
-    assert set(d) == {"subspace", "projections", "scores", "softmax", "output", "total"}
+    assert set(d) == {
+        "features", "subspace", "projections", "selection", "scores", "softmax", "output", "total"
+    }  # fmt: skip
+    assert a.scaled(3).total == 3 * a.total
     with pytest.raises(TypeError):
         _ = a + 1
 
@@ -132,7 +77,7 @@ def test_calibrated_ratio_approaches_bound(rank: int) -> None:
     target = 1.0 - attention_core_saving_bound(64, rank)
     core, total = _matmul_ratio(8192, rank)
     assert core == pytest.approx(target, rel=1e-12)
-    # Softmax and projections keep the total ratio above the bound, but only slightly.
+    # Softmax, projections and the key rotation keep the total above the bound, but only slightly.
     assert target < total < target + 0.02
     _, total_short = _matmul_ratio(64, rank)
     assert total - target < total_short - target
@@ -149,40 +94,6 @@ def test_gram_costs_more_than_full_at_small_n_high_rank() -> None:
 def test_flops_ratio_rejects_empty_full() -> None:
     with pytest.raises(ValueError, match="^full "):
         flops_ratio(full_attention_flops(T, N, D), FlopsBreakdown())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        ({"queries": 0}, "queries"),
-        ({"queries": 2.0}, "queries"),
-        ({"queries": True}, "queries"),
-        ({"keys": -1}, "keys"),
-        ({"head_dim": 0}, "head_dim"),
-        ({"rank": 0}, "rank"),
-        ({"rank": D + 1}, "rank"),
-        ({"method": "qr"}, "method"),
-        ({"heads": 0}, "heads"),
-        ({"kv_heads": 0}, "kv_heads"),
-        ({"kv_heads": 3}, "kv_heads"),
-        ({"heads": 3, "kv_heads": 2}, "kv_heads"),
-        ({"new_keys": -1}, "new_keys"),
-        ({"new_keys": N + 1}, "new_keys"),
-    ],
-)
-def test_lowrank_bad_inputs(kwargs: dict[str, object], name: str) -> None:
-    args: dict[str, object] = {
-        "queries": T,
-        "keys": N,
-        "head_dim": D,
-        "rank": R,
-        "method": "gram",
-        "heads": H,
-        "kv_heads": KV,
-    }
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=rf"^{name} "):
-        lowrank_attention_flops(**args)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

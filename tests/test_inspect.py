@@ -18,7 +18,6 @@ from agents.notebook_helpers import (
     ranks_per_layer,
 )
 from agents.reporting import summary_table
-from drrl_env.envs.backends import CachedRollouts
 from drrl_env.inspect import (
     attention_shape,
     effective_rank,
@@ -26,51 +25,36 @@ from drrl_env.inspect import (
     layer_energy,
     layer_fidelity,
     layer_spectra,
+    rollout_array,
     smallest_rank_reaching,
 )
-from drrl_env.spectra import energy_at_ranks
-
-RANKS = (2, 4)
 
 
-def _rollouts(seed: int = 0) -> CachedRollouts:
-    """Random rollouts of 3 windows, 2 segments, 3 layers, head dim 4, ranks (2, 4)."""
-    rng = np.random.default_rng(seed)
-    spectra = rng.random((3, 2, 3, 4))
-    return CachedRollouts(
-        {
-            "tokens": np.zeros((3, 8), dtype=np.int64),
-            "fidelity": rng.random((3, 2, 3, len(RANKS))),
-            "spectra": spectra / spectra.sum(axis=-1, keepdims=True),
-            "input_stats": np.zeros((3, 2, 3, 3)),
-            "nll_full": np.zeros(3),
-            "weight_stats": np.zeros((3, 3)),
-            "shape": np.array([3, 2, 1, 4]),
-            "ranks": np.array(RANKS),
-        }
-    )
+def test_layer_fidelity_is_the_mean_over_windows_and_segments(env):
+    backend = env.unwrapped.backend
+    cosine = rollout_array(backend, "cosine")  # (W, S, L, A)
+    assert cosine.shape == (2, 4, 4, 8)
+    table = layer_fidelity(backend)
+    assert table.shape == (4, 8)
+    for layer in range(4):
+        np.testing.assert_allclose(table[layer], cosine[:, :, layer].reshape(-1, 8).mean(axis=0))
+    np.testing.assert_allclose(table[:, -1], 1.0)
+    taylor = layer_fidelity(backend, "dnll_taylor")
+    np.testing.assert_allclose(taylor[:, -1], 0.0)
 
 
-def test_layer_fidelity_is_the_mean_over_windows_and_segments():
-    rollouts = _rollouts()
-    table = layer_fidelity(rollouts)
-    assert table.shape == (3, len(RANKS))
-    for layer in range(3):
-        np.testing.assert_allclose(
-            table[layer], rollouts.fidelity[:, :, layer].reshape(-1, len(RANKS)).mean(axis=0)
-        )
-
-
-def test_layer_energy_and_spectra_agree_with_the_spectrum_utilities():
-    rollouts = _rollouts(1)
-    energy = layer_energy(rollouts)
-    expected = energy_at_ranks(rollouts.spectra, RANKS).mean(axis=(0, 1))
+def test_layer_energy_and_spectra_are_truncation_order_sums(env):
+    backend = env.unwrapped.backend
+    spectra = rollout_array(backend, "spectra")  # (W, S, L, d)
+    energy = layer_energy(backend)
+    ranks = backend.actions.ranks
+    expected = np.stack([spectra[..., :r].sum(-1) for r in ranks], axis=-1).mean(axis=(0, 1))
     np.testing.assert_allclose(energy, expected)
     np.testing.assert_allclose(energy[:, -1], 1.0)
-    spectra = layer_spectra(rollouts)
-    assert spectra.shape == (3, 4)
-    np.testing.assert_allclose(spectra.sum(axis=1), 1.0)
-    assert np.all(np.diff(spectra, axis=1) <= 0)
+    assert np.all(np.diff(energy, axis=1) >= 0)
+    mean = layer_spectra(backend)
+    assert mean.shape == (4, 64)
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0)
 
 
 def test_effective_rank_of_flat_and_single_direction_spectra():
@@ -90,7 +74,7 @@ def test_smallest_rank_reaching():
 def test_env_config_and_attention_shape_of_the_tiny_id():
     config = env_config("DRRL-Tiny-v0", split="eval")
     assert config.model == "tiny-llama" and config.split == "eval"
-    assert config.method == drrl_env.ENV_IDS["DRRL-Tiny-v0"][0]["method"]
+    assert config.method == drrl_env.ENV_IDS["DRRL-Tiny-v0"]["method"]
     config, shape = attention_shape("DRRL-Tiny-v0")
     assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (4, 4, 2, 64)
     with pytest.raises(ValueError, match="unknown id"):

@@ -8,22 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from drrl_env.lm.attention import RankController, attention_modules, repeat_kv
 from drrl_env.lm.calibration import calibrate_basis, load_basis, save_basis
+from drrl_env.lm.controller import AttentionController
 from drrl_env.lm.runner import run_window
+from drrl_env.methods.base import repeat_kv
 
 
 def windows(n: int, length: int, seed: int = 0, vocab: int = 256) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(n, length))
 
 
-def basis_shape(lm) -> tuple[int, int, int, int]:
-    return (lm.n_layers, lm.n_heads, lm.head_dim, lm.head_dim)
+def basis_shape(lm, scope: str = "kv_head") -> tuple[int, int, int, int]:
+    heads = lm.n_kv_heads if scope == "kv_head" else lm.n_heads
+    return (lm.n_layers, heads, lm.head_dim, lm.head_dim)
 
 
-def random_basis(lm, seed: int = 0) -> torch.Tensor:
+def random_basis(lm, seed: int = 0, scope: str = "kv_head") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(basis_shape(lm), generator=generator)).Q
+    return torch.linalg.qr(torch.randn(basis_shape(lm, scope), generator=generator)).Q
 
 
 @pytest.fixture(scope="module")
@@ -31,37 +33,43 @@ def llama_basis(tiny_llama) -> torch.Tensor:
     return calibrate_basis(tiny_llama, windows(2, 32), segment_length=16, progress=False)
 
 
-def test_basis_is_orthonormal(tiny_llama, llama_basis):
-    assert llama_basis.shape == basis_shape(tiny_llama)
-    assert llama_basis.dtype == torch.float32
-    eye = torch.eye(tiny_llama.head_dim).expand(basis_shape(tiny_llama))
-    gram = llama_basis.transpose(-1, -2) @ llama_basis  # (L, H, d, d)
+@pytest.mark.parametrize("scope", ["kv_head", "query_head"])
+def test_basis_is_orthonormal(tiny_llama, scope):
+    basis = calibrate_basis(tiny_llama, windows(2, 32), 16, progress=False, scope=scope)
+    assert basis.shape == basis_shape(tiny_llama, scope)
+    assert basis.dtype == torch.float32
+    eye = torch.eye(tiny_llama.head_dim).expand(basis_shape(tiny_llama, scope))
+    gram = basis.transpose(-1, -2) @ basis  # (L, heads, d, d)
     torch.testing.assert_close(gram, eye, rtol=0, atol=1e-5)
-    assert not any(hasattr(m, "drrl_controller") for m in attention_modules(tiny_llama.model))
 
 
-def test_basis_diagonalises_the_summed_gram(tiny_llama, monkeypatch):
-    """Eigenvectors of sum over calls of Q^T Q + K^T K, with K all keys of the cache so far."""
+@pytest.mark.parametrize("scope", ["kv_head", "query_head"])
+def test_basis_diagonalises_the_summed_gram(tiny_llama, monkeypatch, scope):
+    """kv_head: eigenvectors of the sum of K^T K over keys, each counted once (when it enters
+    the cache); query_head: of Q^T Q + K^T K per query head with the keys of its kv head."""
     lm = tiny_llama
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    original = RankController.attend
+    original = AttentionController.attend
 
     def spy(self, layer, query, key, value, mask, scaling):
         calls.append((layer, query.double(), key.double()))
         return original(self, layer, query, key, value, mask, scaling)
 
-    monkeypatch.setattr(RankController, "attend", spy)
-    basis = calibrate_basis(lm, windows(2, 24, seed=1), segment_length=10, progress=False)
+    monkeypatch.setattr(AttentionController, "attend", spy)
+    basis = calibrate_basis(lm, windows(2, 24, seed=1), 10, progress=False, scope=scope)
     assert len(calls) == 2 * 3 * lm.n_layers  # windows x segments x layers
-    expected = torch.zeros(basis_shape(lm), dtype=torch.float64)
+    expected = torch.zeros(basis_shape(lm, scope), dtype=torch.float64)
     groups = lm.n_heads // lm.n_kv_heads
     for layer, query, key in calls:
         assert key.shape[2] in (10, 20, 24)  # the KV cache grows within a window
-        keys = repeat_kv(key, groups)  # (1, H, N, d)
-        gram = query.transpose(-1, -2) @ query + keys.transpose(-1, -2) @ keys  # (1, H, d, d)
-        expected[layer] += gram[0]
-    rotated = basis.double().transpose(-1, -2) @ expected @ basis.double()  # (L, H, d, d)
-    diagonal = torch.diagonal(rotated, dim1=-2, dim2=-1)  # (L, H, d)
+        fresh = key[:, :, -(key.shape[2] - {10: 0, 20: 10, 24: 20}[key.shape[2]]) :]
+        key_gram = fresh.transpose(-1, -2) @ fresh  # (1, Hkv, d, d)
+        if scope == "kv_head":
+            expected[layer] += key_gram[0]
+        else:
+            expected[layer] += (query.transpose(-1, -2) @ query + repeat_kv(key_gram, groups))[0]
+    rotated = basis.double().transpose(-1, -2) @ expected @ basis.double()
+    diagonal = torch.diagonal(rotated, dim1=-2, dim2=-1)  # (L, heads, d)
     off = rotated - torch.diag_embed(diagonal)
     scale = diagonal[..., :1, None]  # the largest eigenvalue per (layer, head)
     assert float((off.abs() / scale).max()) < 1e-4
@@ -75,18 +83,18 @@ def test_basis_diagonalises_the_summed_gram(tiny_llama, monkeypatch):
     )
 
 
-def test_calibrated_on_the_window_equals_gram(tiny_llama):
-    """One window in one segment: the calibrated Gram is the one the gram method decomposes.
+def test_query_head_basis_on_the_window_equals_gram(tiny_llama):
+    """One window in one segment: the query-head calibration Gram is the one ``gram`` decomposes.
 
     Only the last layer runs at low rank, so the inputs of every low-rank layer are those of
-    the full-rank calibration pass.
+    the exact calibration pass.
     """
     lm, rank = tiny_llama, 8
     tokens = windows(1, 40, seed=2)
-    basis = calibrate_basis(lm, tokens, segment_length=40, progress=False)
+    basis = calibrate_basis(lm, tokens, segment_length=40, progress=False, scope="query_head")
     table = np.full((1, lm.n_layers), lm.head_dim)
     table[0, -1] = rank
-    calibrated = run_window(lm, tokens[0], 40, "calibrated", table, basis=basis)
+    calibrated = run_window(lm, tokens[0], 40, "calibrated-qhead", table, basis=basis)
     gram = run_window(lm, tokens[0], 40, "gram", table)
     assert calibrated.fidelity[0, -1] < 1.0
     assert calibrated.fidelity[0, -1] == pytest.approx(gram.fidelity[0, -1], abs=1e-5)
@@ -127,7 +135,6 @@ def test_progress_bar_over_windows(tiny_gpt2, capsys):
 def test_bad_windows(tiny_gpt2, bad, match):
     with pytest.raises(ValueError, match=match):
         calibrate_basis(tiny_gpt2, bad, 8, progress=False)
-    assert not any(hasattr(m, "drrl_controller") for m in attention_modules(tiny_gpt2.model))
 
 
 @pytest.mark.parametrize("segment_length", [0, 1.5])
@@ -167,6 +174,8 @@ def test_basis_of_another_model_is_refused_by_the_runner(tiny_llama, tiny_gpt2):
     gpt2_basis = calibrate_basis(tiny_gpt2, windows(1, 16), 8, progress=False)
     with pytest.raises(ValueError, match="basis"):
         run_window(tiny_llama, windows(1, 16)[0], 8, "calibrated", 4, basis=gpt2_basis)
+    with pytest.raises(ValueError, match="scope"):
+        calibrate_basis(tiny_gpt2, windows(1, 16), 8, progress=False, scope="layer")
 
 
 def test_not_a_basis_file(tmp_path):

@@ -1,4 +1,4 @@
-"""``DynamicRankEnv``: pick the attention rank of each layer of a frozen LM, segment by segment."""
+"""``DynamicRankEnv``: choose the attention setting of each layer of a frozen LM, per segment."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from drrl_env.envs.backends import LayerView, make_backend
+from drrl_env.envs.backends import make_backend
+from drrl_env.envs.budget import BudgetWall
 from drrl_env.envs.config import EnvConfig
-from drrl_env.envs.observation import MAX_FLOPS_RATIO, ObservationLayout
+from drrl_env.envs.observation import ObservationBuilder, ObservationLayout, StepState
+from drrl_env.rewards import Reward, fidelity_term
+
+RESET_OPTIONS = ("window",)
 
 
 class DynamicRankEnv(gym.Env):
@@ -21,71 +25,90 @@ class DynamicRankEnv(gym.Env):
     A frozen, pretrained causal language model reads a window of ``seq_len`` tokens in
     segments of ``segment_length`` tokens. Before each attention layer runs on a segment,
     the agent picks the rank ``r`` with which that layer's query-key interaction is
-    computed: scores ``(Q P)(K P)^T`` with an orthonormal ``d x r`` basis ``P`` found by
-    ``method`` (``gram``: top eigenvectors of ``Q^T Q + K^T K``; ``svd``: the DR-RL paper's
-    separate SVDs; ``calibrated``: a fixed basis per layer and head). Steps run
+    computed, by the attention ``method`` (a name of :mod:`drrl_env.methods`): ``gram``
+    (top eigenvectors of ``Q^T Q + K^T K``, found online), ``svd`` (the DR-RL paper's
+    separate SVDs), ``calibrated`` (a fixed basis per layer and kv head, keys rotated once),
+    ``calibrated-qhead`` (per query head), ``topk`` (rank-r scores select the top ``keep``
+    fraction of each query's keys; exact attention on those), ``full``. Steps run
     segment-major, layer-minor: step ``t`` is segment ``t // n_layers``, layer
     ``t % n_layers``.
 
     ## Action Space
 
-    ``Discrete(len(ranks))``: index into the rank grid (default: multiples of ``d/8``
-    up to the head dim ``d``; the last action is full rank). ``action_masks()`` returns the
-    guardrail mask (sb3-contrib protocol): ranks whose perturbation exceeds
-    ``max_perturbation`` are masked, full rank never is. A masked action passed to
-    ``step`` is replaced by the smallest allowed rank above it; ``info["action_masked"]``
-    says so and ``info["requested_rank"]`` keeps what was asked.
+    ``Discrete(A)``, an index into the action grid (:class:`~drrl_env.envs.actions.ActionGrid`,
+    ``env.unwrapped.actions``): the candidate ranks (default multiples of ``d/8`` up to the
+    head dim ``d``), the last action being exact attention. For a sparse method with
+    ``keeps=(k1, k2, ...)`` the actions are the (rank, keep) pairs of the ranks below ``d``,
+    flattened rank-major, then exact attention. ``action_masks()`` (sb3-contrib protocol)
+    returns the allowed actions: unbudgeted, the guardrail masks ranks whose perturbation
+    exceeds ``max_perturbation`` (exact attention never); budgeted, the action wall masks
+    actions after which the budget could not be met. A masked action passed to ``step`` is
+    replaced (guardrail: by the first allowed action above it; budget: by the most
+    expensive allowed action); ``info["action_masked"]`` says so and
+    ``info["requested_action"]`` keeps what was asked.
 
     ## Observation Space
 
-    A flat ``float32`` Box; with ``K`` candidate ranks (see
-    :class:`~drrl_env.envs.observation.ObservationLayout`, ``env.unwrapped.layout.table()``):
+    A flat ``float32`` Box; with ``A`` actions (``env.unwrapped.layout.table()``):
 
     | index | feature | min | max | description |
     |---|---|---|---|---|
     | 0 | layer | 0 | 1 | layer index / (layers - 1) |
     | 1 | segment | 0 | 1 | segment index / (segments - 1) |
-    | 2 | prev_rank_layer | 0 | 1 | this layer's rank on the previous segment / d (1 on segment 0) |
-    | 3 | prev_rank_step | 0 | 1 | rank chosen at the previous step / d (1 at the first step) |
-    | 4 .. 3+K | energy | 0 | 1 | energy of ``Q^T Q + K^T K`` retained at each candidate rank |
-    | 4+K .. 3+2K | perturbation | 0 | 1 | perturbation of moving to each candidate rank |
-    | 4+2K .. 6+2K | sequence_dynamics | -1 | 1 | input RMS, consecutive-token cosine, spread |
-    | 7+2K .. 9+2K | layer_weights | 0 | 1 | attention-weight RMS, stable rank, relative RMS |
-    | 10+2K | flops_spent | 0 | 4 | executed FLOPs so far / full-rank FLOPs of the episode |
+    | 2 | prev_rank_layer | 0 | 1 | this layer's rank on the previous segment / d |
+    | 3 | prev_rank_step | 0 | 1 | rank chosen at the previous step / d |
+    | 4 .. 3+A | energy | 0 | 1 | spectral energy retained at each action's rank |
+    | 4+A .. 3+2A | perturbation | 0 | 1 | perturbation of moving to each action's rank |
+    | 4+2A .. 3+3A | action_cost | 0 | 4 | executed / exact FLOPs of each action at this step |
+    | 4+3A .. 6+3A | sequence_dynamics | -1 | 1 | input RMS, consecutive-token cosine, spread |
+    | 7+3A .. 9+3A | layer_weights | 0 | 1 | attention-weight RMS, stable rank, relative RMS |
+    | 10+3A | flops_spent | 0 | 4 | executed FLOPs so far / exact FLOPs of the episode |
+    | 11+3A | budget_left | 0 | 1 | (budgeted only) budget left / exact FLOPs of the episode |
+    | 12+3A | steps_left | 0 | 1 | (budgeted only) steps left / steps of the episode |
+
+    The spectrum behind ``energy`` and ``perturbation`` is the method's own (eigenvalues of
+    its Gram, or running energies of the rotated keys), in the order a truncation keeps it.
 
     ## Rewards
 
-    ``reward = alpha * fidelity - beta * flops_ratio - gamma * perturbation``
-    (see :mod:`drrl_env.rewards`): ``fidelity`` is the mean cosine of the layer's low-rank
-    vs full-rank attention output on the segment, ``flops_ratio`` the executed attention
-    FLOPs (basis search included) over full-rank FLOPs for that layer and segment, and
-    ``perturbation`` the normalised spectral energy between the layer's previous and new
-    rank (paper Eq. 8). Every component and raw number is in ``info``.
+    Unbudgeted: ``reward = alpha * fidelity - beta * flops - gamma * perturbation``;
+    budgeted: ``reward = alpha * fidelity`` (the budget replaces ``beta`` and ``gamma``). See
+    :mod:`drrl_env.rewards`: ``fidelity`` is the term ``fidelity=`` names (``cosine``: the
+    cosine of the layer's executed vs exact attention output; ``loss``/``loss-fisher``:
+    ``1 - steps x`` an estimate of the change of the window's mean loss that this cell
+    causes), ``flops`` the executed attention FLOPs (observation features and basis search
+    included) over exact FLOPs of the call, ``perturbation`` the normalised spectral energy
+    between the layer's previous and new rank (paper Eq. 8). Every term, weighted term and
+    raw measurement is in ``info``.
 
     ## Starting State
 
     ``reset`` samples a window of the split with ``self.np_random``;
-    ``options={"window": i}`` pins window ``i``. Every layer starts from full rank.
+    ``options={"window": i}`` pins window ``i`` (any other option key is refused). Every
+    layer starts from full rank.
 
     ## Episode End
 
-    The episode terminates after ``n_segments * n_layers`` steps (the window is read).
-    ``info["episode_summary"]`` then holds mean fidelity, executed-FLOPs reduction, mean
-    rank and the ranks chosen; the live backend adds the window's perplexity with those
-    ranks and at full rank. Registered ids truncate at the same step count.
+    The episode terminates after ``n_segments * n_layers`` steps (the window is read); it is
+    never truncated, whatever ``seq_len`` is passed. ``info["episode_summary"]`` then holds
+    mean fidelity, executed-FLOPs reduction, mean rank, the ranks (and keeps) chosen; the
+    live backend adds the window's perplexity with those settings and at exact attention.
 
     ## Arguments
 
     | kwarg | default | meaning |
     |---|---|---|
     | model | ``smollm2-135m`` | frozen LM (embedded), ``tiny-llama``, ``tiny-gpt2``, HF id |
-    | corpus, data_path | ``wikitext-2``, None | text source (local file/folder or hub) |
-    | split | ``train`` | ``train`` or ``eval`` articles |
+    | corpus, data_path, text_field | ``wikitext-2``, None, ``text`` | text source |
+    | split | ``train`` | ``train`` or ``eval`` documents |
     | seq_len, segment_length | 1024, 256 | window and segment sizes in tokens |
-    | method | ``gram`` | ``gram``, ``svd``, ``calibrated``, ``full`` |
+    | method | ``gram`` | a registered attention method |
     | ranks | multiples of d/8 | candidate ranks, ending at d |
-    | alpha, beta, gamma | 1.0, 0.5, 0.1 | reward weights |
-    | max_perturbation | 0.5 | guardrail threshold of ``action_masks`` |
+    | keep, keeps | 0.5, None | sparse methods: keep fraction, or a grid of them |
+    | fidelity | ``cosine`` | fidelity term of the reward |
+    | alpha, beta, gamma | 1.0, 0.5, 0.1 | reward weights (beta, gamma unset with budget) |
+    | budget | None | cap on executed attention FLOPs, fraction of exact |
+    | max_perturbation | 0.5 | guardrail threshold of ``action_masks`` (unbudgeted) |
     | backend | ``cached`` | ``cached`` or ``live`` |
     | max_windows, device, cache_dir | 32, cpu, None | data size, torch device, cache root |
 
@@ -93,7 +116,7 @@ class DynamicRankEnv(gym.Env):
     import gymnasium as gym
     import drrl_env  # registers the ids
 
-    env = gym.make("DRRL-Wikitext-v0", method="svd", beta=0.3)
+    env = gym.make("DRRL-Wikitext-v0", method="topk", keep=0.25, budget=0.6)
     ```
 
     ## Version History
@@ -105,94 +128,123 @@ class DynamicRankEnv(gym.Env):
 
     def __init__(self, config: EnvConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.config = config if config is not None else EnvConfig(**kwargs)
         if config is not None and kwargs:
             raise TypeError("pass either config= or keyword arguments, not both")
+        self.config = config if config is not None else EnvConfig(**kwargs)
         self.backend = make_backend(self.config)
         shape = self.backend.shape
-        self.ranks = self.backend.ranks
-        self.config.rank_grid(shape.head_dim)  # validates ranks against the head dim
+        self.actions = self.backend.actions
         self.n_layers, self.n_segments = shape.n_layers, self.config.n_segments
         self.head_dim = shape.head_dim
-        self.layout = ObservationLayout(len(self.ranks))
-        self.action_space = spaces.Discrete(len(self.ranks))
+        self.steps = self.n_layers * self.n_segments
+        self.costs = self.backend.costs
+        self.episode_full_flops = float(self.costs.full.sum() * self.n_layers)
+        self.wall = (
+            BudgetWall(self.costs, self.n_layers, self.config.budget)
+            if self.config.budget is not None
+            else None
+        )
+        self.layout = ObservationLayout(len(self.actions), budgeted=self.wall is not None)
+        self.action_space = spaces.Discrete(len(self.actions))
         self.observation_space = spaces.Box(self.layout.low, self.layout.high, dtype=np.float32)
-        self._rank_array = np.asarray(self.ranks)
-        self._weights = self.config.weights
-        self._weight_stats = np.asarray(self.backend.weight_stats, dtype=np.float64)
-        self._episode_full_flops = 0.0
+        self.reward_function = Reward(
+            fidelity_term(self.config.fidelity), self.config.weights, self.steps
+        )
+        self.builder = ObservationBuilder(
+            self.layout,
+            self.n_layers,
+            self.n_segments,
+            self.head_dim,
+            self.actions.ranks,
+            self.costs.ratios,
+            self.backend.weight_stats,
+            self.episode_full_flops,
+            self.steps,
+        )
         self._t: int | None = None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Rank of each action (repeated across keep fractions for a pair grid)."""
+        return tuple(int(r) for r in self.actions.ranks)
 
     # -- gymnasium API ---------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        window = (options or {}).get("window")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; options: {RESET_OPTIONS}")
+        window = options.get("window")
+        n_windows = self.backend.n_windows
         if window is None:
-            window = int(self.np_random.integers(self.backend.n_windows))
-        elif not isinstance(window, int | np.integer) or not 0 <= window < self.backend.n_windows:
-            raise ValueError(
-                f"options['window']={window!r} must be an int in 0..{self.backend.n_windows - 1}"
-            )
+            window = int(self.np_random.integers(n_windows))
+        elif isinstance(window, bool) or not isinstance(window, int | np.integer):
+            raise ValueError(f"options['window']={window!r} must be an int in 0..{n_windows - 1}")
+        elif not 0 <= window < n_windows:
+            raise ValueError(f"options['window']={window!r} must be an int in 0..{n_windows - 1}")
         self.window = int(window)
         self._t = 0
         self._prev_rank = [self.head_dim] * self.n_layers
         self._prev_step_rank = self.head_dim
-        self._spent, self._spent_full, self._masked = 0.0, 0.0, 0
+        self._spent, self._masked = 0.0, 0
         self._log: dict[str, list] = {
-            "rank": [],
-            "fidelity": [],
-            "flops": [],
-            "flops_full": [],
-            "perturbation": [],
+            name: []
+            for name in ("action", "fidelity", "cosine", "flops", "flops_full", "perturbation")
         }
-        self._episode_full_flops = float(self.backend_flops_full_per_layer().sum() * self.n_layers)
-        self._view = self.backend.begin(self.window)
-        return self._observe(), {"window": self.window}
+        self._raw_sums: dict[str, float] = {}
+        self._observe(self.backend.begin(self.window))
+        return self._observation, {"window": self.window}
 
     def step(self, action):
         if self._t is None:
             raise RuntimeError("step() called before reset()")
-        if self._t >= self.n_segments * self.n_layers:
+        if self._t >= self.steps:
             raise RuntimeError("step() called after the episode ended; call reset()")
         if not self.action_space.contains(action):
             raise ValueError(f"action={action!r} is not in {self.action_space}")
         segment, layer = divmod(self._t, self.n_layers)
         requested = int(action)
         index, masked = self._apply_mask(requested)
-        rank = self.ranks[index]
-        previous = self._prev_rank[layer]
-        fidelity, flops, flops_full = self.backend.execute(segment, layer, index, previous)
+        setting = self.actions.settings[index]
+        raw = self.backend.execute(segment, layer, index)
+        flops, flops_full = self.costs.executed[segment, index], self.costs.full[segment]
         perturbation = float(self._perturbations[index])
         flops_ratio = flops / flops_full
-        terms = self._weights.components(fidelity, flops_ratio, perturbation)
-        self._record(rank, fidelity, flops, flops_full, perturbation, masked)
+        terms = self.reward_function.components(raw, flops_ratio, perturbation)
+        self._record(setting.rank, index, terms["fidelity"], raw, flops, flops_full, perturbation)
+        self._masked += int(masked)
         self._t += 1
-        terminated = self._t == self.n_segments * self.n_layers
+        terminated = self._t == self.steps
         info = {
             "segment": segment,
             "layer": layer,
             "window": self.window,
-            "rank": rank,
-            "requested_rank": self.ranks[requested],
+            "action": index,
+            "rank": setting.rank,
+            "keep": setting.keep,
+            "requested_action": requested,
+            "requested_rank": self.actions.settings[requested].rank,
             "action_masked": masked,
-            "fidelity": fidelity,
-            "flops_ratio": flops_ratio,
+            "flops_ratio": float(flops_ratio),
             "perturbation": perturbation,
-            "flops": flops,
-            "flops_full": flops_full,
+            "flops": float(flops),
+            "flops_full": float(flops_full),
+            **{f"raw_{name}": value for name, value in raw.items()},
             **terms,
         }
+        if self.wall is not None:
+            info["budget_left"] = self.wall.left(self._spent) / self.episode_full_flops
         if terminated:
             info["episode_summary"] = self._summary()
-            observation = self._observe_terminal()
+            self._observation = self.builder.terminal(self._state(0, 0))
         else:
-            self._view = self.backend.next_view(*divmod(self._t, self.n_layers))
-            observation = self._observe()
-        return observation, float(terms["reward"]), terminated, False, info
+            self._observe(self.backend.view())
+        return self._observation, float(terms["reward"]), terminated, False, info
 
     def action_masks(self) -> np.ndarray:
-        """Guardrail: allowed actions (perturbation <= ``max_perturbation``; full rank always)."""
+        """Allowed actions: the guardrail, or the budget's action wall (see the docstring)."""
         if self._t is None:
             raise RuntimeError("action_masks() called before reset()")
         return self._mask.copy()
@@ -200,107 +252,126 @@ class DynamicRankEnv(gym.Env):
     def candidate_rewards(self) -> np.ndarray:
         """Immediate reward of every action at the current step, without stepping.
 
-        A lookup on the cached backend (the greedy one-step oracle uses it); a masked action
-        gets the reward of the rank it would be replaced by.
+        Teacher-forced lookups (``backend='cached'``); a masked action gets the reward of
+        the action it would be replaced by.
         """
-        if self._t is None or self._t >= self.n_segments * self.n_layers:
-            raise RuntimeError("candidate_rewards() needs a running episode: call reset()")
-        if self.config.backend != "cached":
-            raise RuntimeError("candidate_rewards() needs backend='cached'")
+        values = self.candidate_values()
+        return values["reward"][[self._apply_mask(a)[0] for a in range(len(self.actions))]]
+
+    def candidate_values(self) -> dict[str, np.ndarray]:
+        """Per action (A,): the fidelity term, FLOPs ratio, perturbation and reward.
+
+        Teacher-forced lookups at the current step (``backend='cached'``), ignoring masks.
+        """
+        if self._t is None or self._t >= self.steps:
+            raise RuntimeError("candidate_values() needs a running episode: call reset()")
         segment, layer = divmod(self._t, self.n_layers)
-        rewards = np.empty(len(self.ranks))
-        for action in range(len(self.ranks)):
-            index, _ = self._apply_mask(action)
-            fidelity, flops, flops_full = self.backend.execute(
-                segment, layer, index, self._prev_rank[layer]
-            )
-            terms = self._weights.components(
-                fidelity, flops / flops_full, float(self._perturbations[index])
-            )
-            rewards[action] = terms["reward"]
-        return rewards
+        raw = self.backend.candidates(segment, layer)
+        term = self.reward_function.fidelity
+        fidelity = np.array([term.value(v, self.steps) for v in raw[term.raw]])
+        weights = self.reward_function.weights
+        flops = self.costs.ratios[segment]
+        reward = (
+            weights.alpha * fidelity - weights.beta * flops - weights.gamma * self._perturbations
+        )
+        return {
+            "fidelity": fidelity,
+            "flops_ratio": flops,
+            "perturbation": self._perturbations.copy(),
+            "reward": reward,
+        }
+
+    def signature(self) -> dict:
+        """What a trained policy's actions and inputs mean here, as plain JSON values.
+
+        The model, the attention method, the action grid (one ``[rank, keep]`` pair per
+        action) and the observation layout (feature names and sizes). Two envs with equal
+        signatures interpret an action index and an observation vector the same way.
+        """
+        return {
+            "model": self.config.model,
+            "method": self.config.method,
+            "actions": [[int(s.rank), float(s.keep)] for s in self.actions.settings],
+            "observation": [[f.name, f.size] for f in self.layout.features],
+        }
 
     def close(self) -> None:
-        if hasattr(self.backend, "close"):
-            self.backend.close()
+        self.backend.close()
 
     # -- internals -------------------------------------------------------------------------
 
     def backend_flops_full_per_layer(self) -> np.ndarray:
-        """Full-rank attention FLOPs of one layer on each segment (S,)."""
-        if hasattr(self.backend, "flops"):
-            return self.backend.flops.full
-        from drrl_env.flops import full_attention_flops
+        """Exact attention FLOPs of one layer call at each segment (S,)."""
+        return self.costs.full
 
-        t, shape = self.config.segment_length, self.backend.shape
-        return np.array(
-            [
-                full_attention_flops(t, (s + 1) * t, shape.head_dim, shape.n_heads).total
-                for s in range(self.n_segments)
-            ],
-            dtype=np.float64,
+    def _state(self, segment: int, layer: int) -> StepState:
+        left = self.wall.left(self._spent) if self.wall is not None else None
+        return StepState(
+            segment,
+            layer,
+            self._prev_rank[layer],
+            self._prev_step_rank,
+            self._spent,
+            left,
+            self.steps - self._t,
         )
+
+    def _observe(self, view) -> None:
+        segment, layer = divmod(self._t, self.n_layers)
+        state = self._state(segment, layer)
+        self._observation, self._perturbations = self.builder.build(
+            state, view.spectrum, view.input_stats
+        )
+        if self.wall is not None:
+            self._mask = self.wall.allowed(self._t, self._spent)
+        else:
+            self._mask = self._perturbations <= self.config.max_perturbation
+            self._mask[self.actions.full_action] = True
 
     def _apply_mask(self, index: int) -> tuple[int, bool]:
         if self._mask[index]:
             return index, False
+        if self.wall is not None:
+            return self.wall.replacement(self._t, self._mask), True
         return int(np.flatnonzero(self._mask[index:])[0]) + index, True
 
-    def _record(self, rank, fidelity, flops, flops_full, perturbation, masked) -> None:
+    def _record(self, rank, index, fidelity, raw, flops, flops_full, perturbation) -> None:
         layer = self._t % self.n_layers
         self._prev_rank[layer], self._prev_step_rank = rank, rank
         self._spent += flops
-        self._spent_full += flops_full
-        self._masked += int(masked)
-        for name, value in zip(
-            self._log, (rank, fidelity, flops, flops_full, perturbation), strict=True
-        ):
+        values = (index, fidelity, raw.get("cosine", np.nan), flops, flops_full, perturbation)
+        for name, value in zip(self._log, values, strict=True):
             self._log[name].append(value)
-
-    def _observe(self) -> np.ndarray:
-        segment, layer = divmod(self._t, self.n_layers)
-        view: LayerView = self._view
-        cumulative = np.concatenate([[0.0], np.cumsum(view.spectrum)])
-        energy = cumulative[self._rank_array]
-        previous = cumulative[self._prev_rank[layer]]
-        self._perturbations = np.sqrt(np.clip(np.abs(energy - previous), 0.0, 1.0))
-        self._mask = self._perturbations <= self.config.max_perturbation
-        self._mask[-1] = True
-        observation = np.concatenate(
-            [
-                [
-                    layer / max(self.n_layers - 1, 1),
-                    segment / max(self.n_segments - 1, 1),
-                    self._prev_rank[layer] / self.head_dim,
-                    self._prev_step_rank / self.head_dim,
-                ],
-                np.clip(energy, 0.0, 1.0),
-                self._perturbations,
-                np.clip(view.input_stats, -1.0, 1.0),
-                self._weight_stats[layer],
-                [min(self._spent / self._episode_full_flops, MAX_FLOPS_RATIO)],
-            ]
-        )
-        return observation.astype(np.float32)
-
-    def _observe_terminal(self) -> np.ndarray:
-        observation = np.zeros(self.layout.size, dtype=np.float32)
-        observation[self.layout.slices["flops_spent"]] = min(
-            self._spent / self._episode_full_flops, MAX_FLOPS_RATIO
-        )
-        return observation
+        for name, value in raw.items():
+            self._raw_sums[name] = self._raw_sums.get(name, 0.0) + value
 
     def _summary(self) -> dict:
-        ranks = np.array(self._log["rank"]).reshape(self.n_segments, self.n_layers)
+        actions = np.array(self._log["action"]).reshape(self.n_segments, self.n_layers)
+        ranks = self.actions.ranks[actions]
+        spent_full = float(np.sum(self._log["flops_full"]))
         summary = {
             "window": self.window,
             "mean_fidelity": float(np.mean(self._log["fidelity"])),
-            "flops_ratio": self._spent / self._spent_full,
-            "flops_reduction": 1.0 - self._spent / self._spent_full,
+            "mean_cosine": float(np.mean(self._log["cosine"])),
+            "flops_ratio": float(self._spent / spent_full),
+            "flops_reduction": float(1.0 - self._spent / spent_full),
             "mean_perturbation": float(np.mean(self._log["perturbation"])),
             "mean_rank": float(ranks.mean()),
             "masked_actions": self._masked,
             "ranks": ranks.tolist(),
+            "actions": actions.tolist(),
         }
+        if len(set(self.actions.keeps)) > 1 or self.actions.keeps[0] < 1:
+            summary["keeps"] = self.actions.keeps[actions].tolist()
+        if "dnll_taylor" in self._raw_sums:
+            summary["dnll_taylor_sum"] = self._raw_sums["dnll_taylor"]
+        if self.config.budget is not None:
+            summary["budget"] = self.config.budget
         summary.update(self.backend.finish())
         return summary
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.config.backend == "live":
+            self.backend.__getstate__()  # raises with the reason and what to do
+        return state

@@ -1,7 +1,8 @@
 """The observation of the dynamic-rank environment: one flat, bounded float32 vector.
 
-:class:`ObservationLayout` is the single description of that vector: the environment
-writes it, the Transformer policy reads it (its state tokens follow the groups here).
+:class:`ObservationLayout` is the single description of that vector and
+:class:`ObservationBuilder` the single place that writes it; the Transformer policy reads
+the same layout (its state tokens follow the groups here).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from functools import cached_property
 
 import numpy as np
 
-from drrl_env.lm.attention import INPUT_STAT_NAMES
+from drrl_env.lm import INPUT_STAT_NAMES
 
 WEIGHT_STAT_NAMES = ("weight_rms", "weight_stable_rank", "weight_rms_relative")
 MAX_FLOPS_RATIO = 4.0
+"""Upper bound of the FLOPs features (an action may execute more than exact attention)."""
 
 
 @dataclass(frozen=True)
@@ -26,25 +28,49 @@ class Feature:
     low: float
     high: float
     description: str
-    per_rank: bool = False  # one entry per candidate rank
+    per_action: bool = False  # one entry per action
+
+    @property
+    def per_rank(self) -> bool:
+        """Older name of :attr:`per_action` (one entry per candidate)."""
+        return self.per_action
 
 
 @dataclass(frozen=True)
 class ObservationLayout:
-    """Feature table of the observation for a grid of ``n_ranks`` candidate ranks."""
+    """Feature table of the observation for ``n_actions`` actions.
 
-    n_ranks: int
+    Args:
+        n_actions: Actions of the grid.
+        budgeted: Episodes have a FLOPs budget (adds ``budget_left`` and ``steps_left``).
+    """
+
+    n_actions: int
+    budgeted: bool = False
+
+    @property
+    def n_ranks(self) -> int:
+        """Older name of :attr:`n_actions`."""
+        return self.n_actions
 
     @cached_property
     def features(self) -> tuple[Feature, ...]:
-        k = self.n_ranks
-        return (
+        k = self.n_actions
+        features = [
             Feature("layer", 1, 0, 1, "layer index / (layers - 1)"),
             Feature("segment", 1, 0, 1, "segment index / (segments - 1)"),
             Feature("prev_rank_layer", 1, 0, 1, "this layer's rank on the previous segment / d"),
-            Feature("prev_rank_step", 1, 0, 1, "rank chosen at the previous layer / d"),
-            Feature("energy", k, 0, 1, "energy retained at each candidate rank", True),
-            Feature("perturbation", k, 0, 1, "perturbation of moving to each candidate", True),
+            Feature("prev_rank_step", 1, 0, 1, "rank chosen at the previous step / d"),
+            Feature("energy", k, 0, 1, "spectral energy retained at each action's rank", True),
+            Feature("perturbation", k, 0, 1, "perturbation of moving to each action's rank", True),
+            Feature(
+                "action_cost",
+                k,
+                0,
+                MAX_FLOPS_RATIO,
+                "executed / exact attention FLOPs of each action at this step",
+                True,
+            ),
             Feature(
                 "sequence_dynamics",
                 3,
@@ -64,9 +90,15 @@ class ObservationLayout:
                 1,
                 0,
                 MAX_FLOPS_RATIO,
-                "executed / full-rank attention FLOPs so far in the episode",
+                "executed / exact attention FLOPs so far in the episode",
             ),
-        )
+        ]
+        if self.budgeted:
+            features += [
+                Feature("budget_left", 1, 0, 1, "FLOPs budget left / exact FLOPs of the episode"),
+                Feature("steps_left", 1, 0, 1, "steps left / steps of the episode"),
+            ]
+        return tuple(features)
 
     @cached_property
     def slices(self) -> dict[str, slice]:
@@ -99,3 +131,107 @@ class ObservationLayout:
                 f"{feature.description} |"
             )
         return "\n".join(rows)
+
+
+@dataclass
+class StepState:
+    """Where an episode stands, as the observation needs it."""
+
+    segment: int
+    layer: int
+    prev_rank_layer: int
+    prev_rank_step: int
+    spent: float
+    budget_left: float | None = None
+    steps_left: int = 0
+
+
+class ObservationBuilder:
+    """Writes observations of a layout for one environment.
+
+    Args:
+        layout: The feature table.
+        n_layers, n_segments, head_dim: The episode's shape.
+        action_ranks: (A,) rank of each action.
+        action_costs: (S, A) executed / exact FLOPs of each action at each segment.
+        weight_stats: (L, 3) projection-weight statistics.
+        episode_full_flops: Exact attention FLOPs of the whole episode.
+        steps: Episode length.
+    """
+
+    def __init__(
+        self,
+        layout: ObservationLayout,
+        n_layers: int,
+        n_segments: int,
+        head_dim: int,
+        action_ranks: np.ndarray,
+        action_costs: np.ndarray,
+        weight_stats: np.ndarray,
+        episode_full_flops: float,
+        steps: int,
+    ) -> None:
+        self.layout, self.n_layers, self.n_segments = layout, n_layers, n_segments
+        self.head_dim, self.steps = head_dim, steps
+        self.action_ranks = np.asarray(action_ranks)
+        self.action_costs = np.clip(np.asarray(action_costs, dtype=np.float64), 0, MAX_FLOPS_RATIO)
+        self.weight_stats = np.asarray(weight_stats, dtype=np.float64)
+        self.episode_full_flops = float(episode_full_flops)
+        check_finite("weight_stats", self.weight_stats)
+
+    def perturbations(self, spectrum: np.ndarray, previous_rank: int) -> np.ndarray:
+        """(A,) perturbation of moving from ``previous_rank`` to each action's rank."""
+        cumulative = np.concatenate([[0.0], np.cumsum(spectrum)])
+        energy = cumulative[self.action_ranks]
+        return np.sqrt(np.clip(np.abs(energy - cumulative[previous_rank]), 0.0, 1.0))
+
+    def build(
+        self, state: StepState, spectrum: np.ndarray, input_stats: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The observation of the step and the perturbation of each action."""
+        check_finite("spectrum", spectrum)
+        check_finite("input_stats", input_stats)
+        cumulative = np.concatenate([[0.0], np.cumsum(spectrum)])
+        perturbations = self.perturbations(spectrum, state.prev_rank_layer)
+        d = self.head_dim
+        parts = [
+            [
+                state.layer / max(self.n_layers - 1, 1),
+                state.segment / max(self.n_segments - 1, 1),
+                state.prev_rank_layer / d,
+                state.prev_rank_step / d,
+            ],
+            np.clip(cumulative[self.action_ranks], 0.0, 1.0),
+            perturbations,
+            self.action_costs[state.segment],
+            np.clip(input_stats, -1.0, 1.0),
+            self.weight_stats[state.layer],
+            [self.spent_ratio(state.spent)],
+        ]
+        if self.layout.budgeted:
+            parts.append([self.budget_ratio(state.budget_left), state.steps_left / self.steps])
+        return np.concatenate(parts).astype(np.float32), perturbations
+
+    def terminal(self, state: StepState) -> np.ndarray:
+        """The observation after the last step: zeros but the FLOPs (and budget) features."""
+        observation = np.zeros(self.layout.size, dtype=np.float32)
+        observation[self.layout.slices["flops_spent"]] = self.spent_ratio(state.spent)
+        if self.layout.budgeted:
+            observation[self.layout.slices["budget_left"]] = self.budget_ratio(state.budget_left)
+        return observation
+
+    def spent_ratio(self, spent: float) -> float:
+        return min(spent / self.episode_full_flops, MAX_FLOPS_RATIO)
+
+    def budget_ratio(self, left: float | None) -> float:
+        return float(np.clip((left or 0.0) / self.episode_full_flops, 0.0, 1.0))
+
+
+def check_finite(name: str, values: np.ndarray) -> None:
+    """ValueError naming ``name`` if ``values`` holds NaN or infinity."""
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(
+            f"{name} holds non-finite values ({np.count_nonzero(~np.isfinite(array))} of "
+            f"{array.size}): a corrupt cache or a model producing NaN"
+        )

@@ -1,13 +1,18 @@
-"""Offline bases for the ``calibrated`` method: eigenvectors of the mean query/key Gram.
+"""Offline bases for the calibrated methods: eigenvectors of calibration Grams.
 
-:func:`calibrate_basis` runs calibration windows at full rank, segment by segment over the
-KV cache exactly as :func:`~drrl_env.lm.runner.run_window` does, while a
-:class:`~drrl_env.lm.attention.RankController` sums per layer and query head the Gram
-``Q^T Q + K^T K`` that the ``gram`` method would decompose at each call (the queries of the
-segment, the keys of the whole cache). The eigenvectors of that sum, by decreasing eigenvalue,
-are the fixed basis: ``basis[layer, head, :, :r]`` spans the rank-r subspace.
+:func:`calibrate_basis` runs calibration windows at exact attention, segment by segment
+over the KV cache exactly as :func:`~drrl_env.lm.runner.run_window` does, while a
+:class:`GramCollector` sums per layer the post-RoPE Grams the bases are made of: ``K^T K``
+per key/value head (each key once, when it enters the cache) and ``Q^T Q`` per query head.
+The eigenvectors, by decreasing eigenvalue, are the fixed bases:
 
-:func:`save_basis` / :func:`load_basis` keep a basis on disk with the model it belongs to.
+- scope ``kv_head`` (method ``calibrated``, ``topk``): of ``K^T K`` per (layer, kv head), so
+  a key is rotated once for all query heads that read it (Loki's choice);
+- scope ``query_head`` (method ``calibrated-qhead``): of ``Q^T Q + K^T K`` per (layer, query
+  head), with the key Gram of the head's kv head.
+
+``basis[layer, head, :, :r]`` spans the rank-r subspace. :func:`save_basis` /
+:func:`load_basis` keep a basis on disk with the model it belongs to.
 """
 
 from __future__ import annotations
@@ -21,12 +26,48 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from drrl_env.lm.attention import RankController
+from drrl_env.lm.controller import AttentionController
 from drrl_env.lm.models import LoadedModel
 from drrl_env.lm.runner import forward_segments
+from drrl_env.methods import make_method
+from drrl_env.methods.base import repeat_kv
 
-BASIS_FORMAT = 1
+BASIS_FORMAT = 2
 """Version of the file layout written by :func:`save_basis`."""
+SCOPES = ("kv_head", "query_head")
+
+
+class GramCollector:
+    """Probe that sums, per layer, ``Q^T Q`` per query head and new keys' ``K^T K`` per kv head."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.query_grams: list[torch.Tensor | None] = [None] * n_layers  # (H, d, d)
+        self.key_grams: list[torch.Tensor | None] = [None] * n_layers  # (Hkv, d, d)
+
+    def measure(self, context, setting, output, record) -> None:
+        layer, fresh = context.state["layer"], context.state["fresh"]
+        query = context.query.double()  # (B, H, T, d)
+        keys = context.key[:, :, context.key.shape[2] - fresh :].double()  # (B, Hkv, n, d)
+        query_gram = torch.matmul(query.transpose(-1, -2), query).sum(dim=0)
+        key_gram = torch.matmul(keys.transpose(-1, -2), keys).sum(dim=0)
+        for grams, update in ((self.query_grams, query_gram), (self.key_grams, key_gram)):
+            grams[layer] = update if grams[layer] is None else grams[layer] + update
+
+    def bases(self, scope: str) -> torch.Tensor:
+        """(L, heads, d, d) eigenvectors by decreasing eigenvalue, heads per ``scope``."""
+        missing = [i for i, gram in enumerate(self.key_grams) if gram is None]
+        if missing:
+            raise RuntimeError(f"no attention call reached layers {missing} during calibration")
+        keys = torch.stack(self.key_grams)  # (L, Hkv, d, d)
+        if scope == "kv_head":
+            grams = keys
+        else:
+            queries = torch.stack(self.query_grams)  # (L, H, d, d)
+            groups = queries.shape[1] // keys.shape[1]
+            grams = queries + repeat_kv(keys, groups)
+        grams = (grams + grams.transpose(-1, -2)) / 2  # exact symmetry for eigh
+        _, vectors = torch.linalg.eigh(grams)  # ascending eigenvalues
+        return vectors.flip(-1).float().contiguous()
 
 
 def calibrate_basis(
@@ -34,39 +75,37 @@ def calibrate_basis(
     windows: np.ndarray,
     segment_length: int,
     progress: bool = True,
+    scope: str = "kv_head",
 ) -> torch.Tensor:
-    """Estimate a fixed low-rank basis per layer and query head from calibration windows.
+    """Estimate a fixed basis per layer and head from calibration windows.
 
     Args:
         lm: A model from :func:`drrl_env.lm.models.load_model`.
         windows: Token ids, shape (n, seq_len), one calibration window per row.
         segment_length: Tokens per segment, as in :func:`~drrl_env.lm.runner.run_window`.
         progress: Show a progress bar over windows.
+        scope: ``kv_head`` (bases (L, Hkv, d, d)) or ``query_head`` ((L, H, d, d)).
 
     Returns:
-        (L, H, d, d) float32 on the model's device; ``basis[l, h]`` is orthonormal with columns
-        sorted by decreasing eigenvalue of the summed Gram ``Q^T Q + K^T K``.
+        float32 bases on the CPU; ``basis[l, h]`` is orthonormal with columns sorted by
+        decreasing eigenvalue of the summed Gram.
 
     Raises:
-        ValueError: ``windows`` is not a non-empty 2-D array, or a window or
-            ``segment_length`` is invalid for the model.
+        ValueError: ``windows`` is not a non-empty 2-D array, ``scope`` is unknown, or a
+            window or ``segment_length`` is invalid for the model.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must have shape (n, seq_len) with n >= 1, got {windows.shape}")
-    controller = RankController(
-        lm.n_layers, lm.head_dim, method="full", record=False, collect_gram=True
-    )
+    collector = GramCollector(lm.n_layers)
+    method = make_method("full", lm.head_dim, lm.n_layers)
+    controller = AttentionController(method, lm.n_layers, probes=[collector], input_stats=False)
     for window in tqdm(windows, desc="calibrating basis", unit="window", disable=not progress):
+        controller.reset()
         forward_segments(lm, window, segment_length, controller)
-    grams = controller.calibration_grams()  # per layer (H, d, d)
-    missing = [layer for layer, gram in enumerate(grams) if gram is None]
-    if missing:
-        raise RuntimeError(f"no attention call reached layers {missing} during calibration")
-    stacked = torch.stack(grams).double()  # (L, H, d, d)
-    stacked = (stacked + stacked.transpose(-1, -2)) / 2  # exact symmetry for eigh
-    _, vectors = torch.linalg.eigh(stacked)  # ascending eigenvalues
-    return vectors.flip(-1).float().contiguous()  # (L, H, d, d), by decreasing eigenvalue
+    return collector.bases(scope).cpu()
 
 
 def save_basis(

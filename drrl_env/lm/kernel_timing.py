@@ -1,21 +1,23 @@
-"""Timing one attention layer: torch SDPA, the eager full-rank path and the low-rank kernels.
+"""Timing one attention layer: torch SDPA, the eager full-rank path and every method's kernels.
 
 The building blocks of ``benchmarks/kernel_flops.py`` and ``experiments/flops_scaling.py``:
-random inputs of an attention shape, the kernels exactly as the model runs them (through
-:meth:`~drrl_env.lm.attention.RankController.attend`), each with its executed FLOPs from
-:mod:`drrl_env.flops`, and a median wall-time measurement that synchronises CUDA.
+random inputs of an attention shape, the methods' kernels exactly as a layer call runs them
+(:meth:`~drrl_env.methods.base.AttentionMethod.observe` for the observation's features,
+then the kernel), each with its executed FLOPs from the method, and a median wall-time
+measurement that synchronises CUDA.
 
 Kernels, all on the same random Q/K/V (batch 1, causal, one segment of ``L`` queries over
 ``L`` keys):
 
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal=True``), with
-  the key/value heads repeated for grouped-query attention inside the timed call;
-- ``full``: the eager :func:`~drrl_env.lm.attention.full_attention` (additive causal mask);
-- ``gram``, ``svd``, ``calibrated`` at a rank: ``gram`` includes its Gram matrices and
-  ``eigh``, ``svd`` its two SVDs, ``calibrated`` uses a fixed random orthonormal basis.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal=True``,
+  grouped-query heads expanded inside the fused kernel);
+- ``full``: the eager :func:`~drrl_env.methods.base.full_attention` (additive causal mask);
+- ``<method>`` at a setting, on a ``path``: ``reference`` (the method's eager reference),
+  ``fast`` (the kernel the model runs, e.g. ``topk``'s gather), ``fused`` (FlexAttention,
+  for the methods that have it). Calibrated methods use a fixed random orthonormal basis.
 
-FLOPs are dense counts: the causal half is not skipped in the count, whatever a fused kernel
-skips.
+FLOPs are dense counts for dense kernels (the causal half is not skipped in the count,
+whatever a fused kernel skips); sparse methods count the keys they attend.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from drrl_env.flops import FlopsBreakdown, full_attention_flops, lowrank_attention_flops
-from drrl_env.lm.attention import RankController, full_attention, repeat_kv
+from drrl_env.flops import FlopsBreakdown, full_attention_flops
+from drrl_env.methods import make_method, method_class
+from drrl_env.methods.base import CallShape, Setting, full_attention
 
-LOWRANK_METHODS = ("gram", "svd", "calibrated")
-"""Methods whose kernels run at a rank below the head dim."""
+PATHS = ("reference", "fast", "fused")
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,31 @@ class AttentionShape:
 
 
 @dataclass(frozen=True)
+class KernelSpec:
+    """Which method, setting and path a timed kernel runs."""
+
+    method: str
+    rank: int
+    keep: float = 1.0
+    path: str = "fast"
+
+    @property
+    def name(self) -> str:
+        return self.method if self.path == "fast" else f"{self.method}[{self.path}]"
+
+
+@dataclass(frozen=True)
 class Kernel:
     """One timed attention kernel and its executed FLOPs."""
 
     name: str
     rank: int
+    keep: float
+    path: str
     call: Callable[[], torch.Tensor]
     flops: FlopsBreakdown
+    dense_bytes: int
+    """Bytes of the largest dense (B, H, L, L) tensors the kernel allocates (0: none)."""
 
 
 def full_flops(shape: AttentionShape, length: int) -> FlopsBreakdown:
@@ -79,24 +99,25 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.
 def random_basis(
     heads: int, head_dim: int, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """A random orthonormal basis per query head, shaped (1 layer, H, d, d)."""
+    """A random orthonormal basis per head, shaped (1 layer, heads, d, d)."""
     gaussian = torch.randn(heads, head_dim, head_dim, generator=generator)
-    return torch.linalg.qr(gaussian).Q[None].to(device)  # (1, H, d, d)
+    return torch.linalg.qr(gaussian).Q[None].to(device)  # (1, heads, d, d)
 
 
-def controller_call(
-    controller: RankController,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float,
+def method_call(
+    method, query, key, value, mask, scaling, setting: Setting, path: str
 ) -> Callable[[], torch.Tensor]:
-    """A fresh-sequence call of ``controller`` on layer 0 (accumulated Grams reset first)."""
+    """A fresh-sequence layer call of ``method``: observe the keys, then run ``path``."""
+    run = {"reference": method.reference, "fast": method.attend}.get(path)
+    if path == "fused":
+        run = method.fused
+    if run is None:
+        raise ValueError(f"path={path!r} is not one of {PATHS}")
 
     def call() -> torch.Tensor:
-        controller.reset()
-        return controller.attend(0, query, key, value, mask, scaling)
+        state = method.new_state(0)
+        method.observe(state, query, key)
+        return run(state, query, key, value, mask, scaling, setting)
 
     return call
 
@@ -104,25 +125,17 @@ def controller_call(
 def attention_kernels(
     shape: AttentionShape,
     length: int,
-    lowrank: Sequence[tuple[str, int]],
+    specs: Sequence[KernelSpec],
     device: torch.device,
     seed: int = 0,
 ) -> list[Kernel]:
-    """``sdpa``, ``full`` and each ``(method, rank)`` of ``lowrank``, on the same inputs.
+    """``sdpa``, ``full`` and each of ``specs``, on the same inputs.
 
     The inputs are drawn from a generator seeded with ``seed + length``: Q, K, V, then the
-    calibrated basis (drawn whether or not a ``calibrated`` kernel is asked for).
-
-    Args:
-        shape: The attention heads.
-        length: Queries and keys ``L``.
-        lowrank: ``(method, rank)`` pairs, methods from :data:`LOWRANK_METHODS`, ranks in
-            ``1..head_dim``; kernels come back in this order after ``sdpa`` and ``full``.
-        device: Where the inputs live and the kernels run.
-        seed: Seed of the inputs.
+    calibrated bases (per kv head and per query head).
 
     Raises:
-        ValueError: An unknown method or a rank out of range.
+        ValueError: An unknown method or path, or a setting out of range.
     """
     generator = torch.Generator().manual_seed(seed + length)
     d, heads, kv_heads = shape.head_dim, shape.heads, shape.kv_heads
@@ -131,41 +144,49 @@ def attention_kernels(
     value = torch.randn(1, kv_heads, length, d, generator=generator).to(device)
     mask = causal_mask(length, query.dtype, device)  # (1, 1, T, N)
     scaling = d**-0.5
-    groups = heads // kv_heads
-    basis = random_basis(heads, d, generator, device)
+    bases = {
+        "kv_head": random_basis(kv_heads, d, generator, device),
+        "query_head": random_basis(heads, d, generator, device),
+    }
+    dense = 3 * 4 * heads * length * length  # scores, mask sum and weights, float32
 
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(
-            query,
-            repeat_kv(key, groups),
-            repeat_kv(value, groups),
-            is_causal=True,
-            scale=scaling,
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=heads != kv_heads
         )
 
+    full = full_flops(shape, length)
     kernels = [
-        Kernel("sdpa", d, sdpa, full_flops(shape, length)),
+        Kernel("sdpa", d, 1.0, "fast", sdpa, full, 0),
         Kernel(
             "full",
             d,
+            1.0,
+            "reference",
             lambda: full_attention(query, key, value, mask, scaling),
-            full_flops(shape, length),
+            full,
+            dense,
         ),
     ]
-    for method, rank in lowrank:
-        if method not in LOWRANK_METHODS:
-            raise ValueError(f"method={method!r} is not one of {LOWRANK_METHODS}")
-        controller = RankController(
-            1,
-            d,
-            method=method,
-            ranks=rank,
-            record=False,
-            basis=basis if method == "calibrated" else None,
+    call_shape = CallShape(length, length, d, heads, kv_heads)
+    for spec in specs:
+        cls = method_class(spec.method)
+        kwargs = {"basis": bases[cls.scope]} if cls.needs_basis else {}
+        method = make_method(spec.method, d, 1, **kwargs)
+        setting = method.check_setting(Setting(spec.rank, spec.keep))
+        call = method_call(method, query, key, value, mask, scaling, setting, spec.path)
+        uses_dense = spec.path == "reference" or not getattr(method, "memory_efficient", False)
+        kernels.append(
+            Kernel(
+                spec.name,
+                spec.rank,
+                spec.keep,
+                spec.path,
+                call,
+                method.flops(call_shape, setting),
+                dense if uses_dense else 0,
+            )
         )
-        flops = lowrank_attention_flops(length, length, d, rank, method, heads, kv_heads)
-        call = controller_call(controller, query, key, value, mask, scaling)
-        kernels.append(Kernel(method, rank, call, flops))
     return kernels
 
 

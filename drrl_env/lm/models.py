@@ -276,6 +276,9 @@ def load_model(
             f"model must be a non-empty name: {EMBEDDED_MODEL!r}, one of {TINY_MODELS}, "
             "a Hugging Face id or a local folder"
         )
+    from drrl_env.devices import check_device
+
+    check_device(str(device))
     if name == EMBEDDED_MODEL:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         loaded = _load_embedded(attn_implementation, root)
@@ -285,3 +288,70 @@ def load_model(
         loaded = _load_pretrained(name, attn_implementation)
     _freeze(loaded.model, device)
     return loaded
+
+
+# -- fingerprints: what cached results depend on, without loading the model -----------------
+
+FINGERPRINT_SAMPLE = 1 << 16
+"""Bytes hashed from the start and from the end of each weight or tokenizer file."""
+_MODEL_FILES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".tiktoken")
+
+
+def _file_fingerprint(path: Path) -> dict:
+    """Size, mtime and a sha256 of the first and last :data:`FINGERPRINT_SAMPLE` bytes."""
+    import hashlib
+
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(FINGERPRINT_SAMPLE))
+        if stat.st_size > 2 * FINGERPRINT_SAMPLE:
+            handle.seek(-FINGERPRINT_SAMPLE, os.SEEK_END)
+            digest.update(handle.read(FINGERPRINT_SAMPLE))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": digest.hexdigest()}
+
+
+def _folder_fingerprint(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _MODEL_FILES)
+    if not files:
+        raise ModelNotAvailableError(f"{folder} holds no model or tokenizer files")
+    return {str(p.relative_to(folder)): _file_fingerprint(p) for p in files}
+
+
+def model_fingerprint(name: str) -> str:
+    """A short hash of the weights and tokenizer ``load_model(name)`` would load.
+
+    Cheap: it reads file sizes, modification times and a sample of each weight and
+    tokenizer file, and loads nothing. Overwriting a local model folder with other weights
+    changes it, so caches keyed on it are rebuilt instead of served stale.
+
+    Raises:
+        ModelNotAvailableError: A local or cached copy of the model cannot be found.
+    """
+    import hashlib
+    import json
+
+    if name == EMBEDDED_MODEL:
+        facts: dict = {"gguf": _file_fingerprint(embedded_gguf_path())}
+    elif name in TINY_MODELS:
+        facts = {
+            "config": tiny_config(name).to_json_string(use_diff=False),
+            "qk_scales": TINY_QK_SCALES,
+            "tokenizer": "utf-8 bytes",
+        }
+    else:
+        local = Path(name).expanduser()
+        if local.is_dir():
+            facts = {"folder": _folder_fingerprint(local)}
+        else:
+            try:
+                from huggingface_hub import snapshot_download
+
+                snapshot = Path(snapshot_download(name, local_files_only=True))
+            except Exception as error:  # noqa: BLE001 (any miss means: not available here)
+                raise ModelNotAvailableError(
+                    f"model={name!r} is neither a local folder nor in the Hugging Face cache"
+                ) from error
+            facts = {"hub": name, "folder": _folder_fingerprint(snapshot)}
+    text = json.dumps({"name": name, **facts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

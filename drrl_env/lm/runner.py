@@ -1,13 +1,15 @@
-"""Segment-wise runner: a window through a frozen LM, segment by segment, a rank per layer.
+"""Segment-wise runner: a window through a frozen LM, segment by segment, a setting per layer.
 
 ``run_window`` feeds the window in segments of ``segment_length`` tokens over the KV
-cache. Before every attention layer of every segment, the rank comes from a schedule
-(one int, an array ``(segments, layers)``, or a function of the segment and the
-:class:`~drrl_env.lm.attention.LayerRequest`). It returns what each (segment, layer) did
+cache. Before every attention layer of every segment, the setting (a rank, or a
+:class:`~drrl_env.methods.base.Setting` of rank and keep fraction) comes from a schedule
+(one value, an array ``(segments, layers)``, or a function of the segment and the
+:class:`~drrl_env.lm.controller.LayerRequest`). It returns what each (segment, layer) did
 and the window's negative log-likelihood, so perplexity under any schedule is one call.
 
 ``LiveWindow`` runs the same loop closed-loop, one decision at a time, for environments:
-the model's forward pass is suspended (a greenlet) at each layer until the rank is sent.
+the model's forward pass is suspended (a greenlet) at each layer until the setting is sent.
+Each window runs in its greenlet's own context, so several live windows can share a model.
 """
 
 from __future__ import annotations
@@ -22,10 +24,21 @@ import torch
 import torch.nn.functional as F
 from greenlet import GreenletExit, greenlet
 
-from drrl_env.lm.attention import LayerRecord, LayerRequest, RankController, check_rank
+from drrl_env.lm.attention import install_input_hooks
+from drrl_env.lm.controller import AttentionController, LayerRecord, LayerRequest, to_setting
+from drrl_env.lm.measure import LossGradient, SweepProbe, TermProbe
 from drrl_env.lm.models import LoadedModel
+from drrl_env.methods import make_method, method_class
+from drrl_env.methods.base import AttentionMethod, Setting
 
-Schedule = int | np.ndarray | Sequence[Sequence[int]] | Callable[[int, LayerRequest], int] | None
+Schedule = (
+    int
+    | Setting
+    | np.ndarray
+    | Sequence[Sequence[int]]
+    | Callable[[int, LayerRequest], "int | Setting"]
+    | None
+)
 
 
 @dataclass
@@ -35,14 +48,25 @@ class WindowResult:
     method: str
     segment_length: int
     ranks: np.ndarray  # (S, L) int
-    fidelity: np.ndarray  # (S, L) cosine of executed vs full-rank attention output
-    flops: np.ndarray  # (S, L) executed attention FLOPs, basis search included
-    flops_full: np.ndarray  # (S, L) FLOPs of full-rank attention on the same shapes
-    spectra: np.ndarray  # (S, L, d) normalised spectrum of Q^T Q + K^T K
+    keeps: np.ndarray  # (S, L) keep fractions (1: every key)
+    terms: dict[str, np.ndarray]  # term -> (S, L), e.g. "cosine" of executed vs exact output
+    flops: np.ndarray  # (S, L) executed attention FLOPs, features and basis search included
+    flops_full: np.ndarray  # (S, L) FLOPs of exact attention on the same shapes
+    spectra: np.ndarray  # (S, L, d) energies the observation shows, in truncation order
     input_stats: np.ndarray  # (S, L, 3) statistics of each layer's input
     nll_sum: float
     n_predicted: int
-    sweep_fidelity: np.ndarray | None = None  # (S, L, K) teacher-forced fidelity per rank
+    sweep: dict[str, np.ndarray] | None = None  # term -> (S, L, A) teacher-forced, per setting
+
+    @property
+    def fidelity(self) -> np.ndarray:
+        """(S, L) cosine of the executed vs exact attention output."""
+        return self.terms["cosine"]
+
+    @property
+    def sweep_fidelity(self) -> np.ndarray | None:
+        """(S, L, A) teacher-forced cosine of every swept setting, if swept."""
+        return None if self.sweep is None else self.sweep.get("cosine")
 
     @property
     def perplexity(self) -> float:
@@ -51,7 +75,7 @@ class WindowResult:
 
     @property
     def flops_ratio(self) -> float:
-        """Executed over full-rank attention FLOPs, over the whole window."""
+        """Executed over exact attention FLOPs, over the whole window."""
         return float(self.flops.sum() / self.flops_full.sum())
 
     @property
@@ -77,9 +101,11 @@ def _as_token_tensor(tokens, lm: LoadedModel) -> torch.Tensor:
 
 
 def _schedule_function(schedule: Schedule, n_segments: int, n_layers: int):
-    """Normalise a schedule to ``f(segment, request) -> rank`` (None: full rank)."""
+    """Normalise a schedule to ``f(segment, request) -> rank | Setting`` (None: exact)."""
     if schedule is None or callable(schedule):
         return schedule
+    if isinstance(schedule, Setting):
+        return lambda segment, request: schedule
     try:
         table = np.asarray(schedule)
     except ValueError:  # ragged nested sequences
@@ -88,23 +114,44 @@ def _schedule_function(schedule: Schedule, n_segments: int, n_layers: int):
         ) from None
     if table.ndim == 0:
         return lambda segment, request: schedule  # checked as a rank by the controller
-    if table.shape != (n_segments, n_layers):
+    if table.shape[:2] != (n_segments, n_layers) or table.ndim != 2:
         raise ValueError(
             f"schedule has shape {table.shape}, expected (segments, layers) = "
             f"({n_segments}, {n_layers})"
         )
     # .item(): a float entry such as 2.5 reaches the rank check instead of being truncated.
+    if table.dtype == object:
+        return lambda segment, request: table[segment, request.layer]
     return lambda segment, request: table[segment, request.layer].item()
 
 
-def check_basis_shape(basis: torch.Tensor, lm: LoadedModel) -> None:
-    """ValueError unless ``basis`` has the shape (layers, heads, d, d) of ``lm``."""
-    expected = (lm.n_layers, lm.n_heads, lm.head_dim, lm.head_dim)
-    if tuple(basis.shape) != expected:
-        raise ValueError(
-            f"basis has shape {tuple(basis.shape)}, but {lm.name} needs (layers, heads, d, d) "
-            f"= {expected}: a basis calibrated for another model?"
-        )
+def resolve_method(
+    lm: LoadedModel,
+    method: str | AttentionMethod,
+    basis: torch.Tensor | None = None,
+    **options,
+) -> AttentionMethod:
+    """``method`` as an :class:`AttentionMethod` for ``lm`` (a registered name is built).
+
+    Raises:
+        ValueError: The name is not registered, or the method needs a basis (or a basis of
+            ``lm``'s shape) and ``basis`` does not provide it.
+    """
+    if isinstance(method, AttentionMethod):
+        if method.head_dim != lm.head_dim or method.n_layers != lm.n_layers:
+            raise ValueError(
+                f"method {method.name!r} was built for head dim {method.head_dim} and "
+                f"{method.n_layers} layers, {lm.name} has {lm.head_dim} and {lm.n_layers}"
+            )
+        return method
+    cls = method_class(method)
+    if cls.needs_basis:
+        if basis is None:
+            raise ValueError(
+                f"method={method!r} needs basis= (see drrl_env.lm.calibration.calibrate_basis)"
+            )
+        options["basis"] = basis
+    return make_method(method, lm.head_dim, lm.n_layers, **options)
 
 
 def _check_segment_length(segment_length: int) -> int:
@@ -137,16 +184,16 @@ def forward_segments(
     lm: LoadedModel,
     tokens,
     segment_length: int,
-    controller: RankController,
+    controller: AttentionController,
     on_segment: Callable[[int], None] | None = None,
 ) -> tuple[float, int]:
-    """Feed a window segment by segment over the KV cache with ``controller`` attached.
+    """Feed a window segment by segment over the KV cache with ``controller`` active.
 
     Args:
         lm: A model from :func:`drrl_env.lm.models.load_model`.
         tokens: 1-D token ids of the window (at most the model's context).
         segment_length: Tokens per segment (the last segment may be shorter).
-        controller: Attached for the window and detached afterwards, even on error.
+        controller: Active for the window (in the current context only).
         on_segment: Called with the segment index before each segment runs.
 
     Returns:
@@ -154,9 +201,9 @@ def forward_segments(
     """
     ids = _as_token_tensor(tokens, lm)
     bounds = segment_bounds(ids.numel(), _check_segment_length(segment_length))
-    controller.attach(lm.model)
+    install_input_hooks(lm.model)
     nll_sum, cache = 0.0, None
-    try:
+    with controller.activate():
         for segment, (start, stop) in enumerate(bounds):
             if on_segment is not None:
                 on_segment(segment)
@@ -164,8 +211,6 @@ def forward_segments(
             targets = ids[start + 1 : stop + 1]
             logits = out.logits[0, : targets.numel()].float()
             nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-    finally:
-        controller.detach(lm.model)
     return nll_sum, ids.numel() - 1
 
 
@@ -173,24 +218,33 @@ def run_window(
     lm: LoadedModel,
     tokens,
     segment_length: int,
-    method: str = "gram",
+    method: str | AttentionMethod = "gram",
     schedule: Schedule = None,
-    sweep_ranks: Sequence[int] | None = None,
+    sweep: Sequence[int | Setting] | None = None,
     basis: torch.Tensor | None = None,
     on_record: Callable[[LayerRecord], None] | None = None,
+    keep: float = 1.0,
+    terms: Sequence[str] = ("cosine",),
+    gradient: LossGradient | None = None,
 ) -> WindowResult:
-    """Run one window segment by segment with a rank per (segment, layer).
+    """Run one window segment by segment with a setting per (segment, layer).
 
     Args:
         lm: A model from :func:`drrl_env.lm.models.load_model`.
         tokens: 1-D token ids of the window (at most the model's context).
         segment_length: Tokens per segment (the last segment may be shorter).
-        method: ``full``, ``svd``, ``gram`` or ``calibrated``.
-        schedule: Rank source: None (full rank), one int, an (S, L) array, or a function
-            ``f(segment, request) -> rank``.
-        sweep_ranks: Also measure the teacher-forced fidelity of these ranks at every step.
-        basis: Calibrated bases (L, H, d, d) for ``method="calibrated"``.
+        method: A registered method name (:func:`drrl_env.methods.method_names`) or an
+            :class:`~drrl_env.methods.base.AttentionMethod` built for ``lm``.
+        schedule: None (exact attention), one rank or setting, an (S, L) array, or a
+            function ``f(segment, request) -> rank | Setting``.
+        sweep: Also measure the teacher-forced terms of these settings at every step.
+        basis: Calibrated bases for a method that needs them, when ``method`` is a name.
         on_record: Called with each layer's record as soon as it exists.
+        keep: Keep fraction given to ranks that come as plain ints (sparse methods).
+        terms: Raw terms measured for the executed and swept settings
+            (:data:`drrl_env.lm.measure.TERMS`).
+        gradient: The window's :func:`~drrl_env.lm.measure.loss_gradient`, for the
+            loss-aware terms.
 
     Returns:
         A :class:`WindowResult`.
@@ -199,29 +253,30 @@ def run_window(
     segment_length = _check_segment_length(segment_length)
     bounds = segment_bounds(ids.numel(), segment_length)
     choose = _schedule_function(schedule, len(bounds), lm.n_layers)
-    if method == "calibrated" and basis is not None:
-        check_basis_shape(basis, lm)
+    attention = resolve_method(lm, method, basis)
     current = [0]  # the segment being run, read by decide
 
-    def decide(request: LayerRequest) -> int:
+    def decide(request: LayerRequest):
         return choose(current[0], request)
 
     def on_segment(segment: int) -> None:
         current[0] = segment
 
-    controller = RankController(
+    controller = AttentionController(
+        attention,
         lm.n_layers,
-        lm.head_dim,
-        method=method,
         decide=decide if choose else None,
-        sweep_ranks=sweep_ranks,
-        basis=basis,
+        keep=keep,
         on_record=on_record,
     )
+    probes = [TermProbe(terms, gradient)]
+    if sweep is not None:
+        probes.append(SweepProbe([controller.as_setting(s) for s in sweep], terms, gradient))
+    controller.probes = probes
     nll_sum, n_predicted = forward_segments(lm, ids, segment_length, controller, on_segment)
-    return _collect(
+    return collect(
         controller.records,
-        method,
+        attention.name,
         segment_length,
         len(bounds),
         lm.n_layers,
@@ -230,9 +285,10 @@ def run_window(
     )
 
 
-def _collect(
+def collect(
     records: list[LayerRecord], method, segment_length, n_segments, n_layers, nll_sum, n_predicted
 ) -> WindowResult:
+    """Assemble layer records (segment-major) into a :class:`WindowResult`."""
     if len(records) != n_segments * n_layers:
         raise RuntimeError(f"expected {n_segments * n_layers} layer calls, saw {len(records)}")
 
@@ -240,24 +296,29 @@ def _collect(
         array = np.asarray(values)
         return array.reshape(n_segments, n_layers, *array.shape[1:])
 
-    sweep = records[0].sweep_fidelity is not None
+    names = list(records[0].terms)
+    sweep = None
+    if records[0].sweep is not None:
+        sweep = {name: grid([r.sweep[name] for r in records]) for name in records[0].sweep}
+    stats = [r.input_stats if r.input_stats is not None else np.full(3, np.nan) for r in records]
     return WindowResult(
         method=method,
         segment_length=segment_length,
-        ranks=grid([r.rank for r in records]).astype(np.int64),
-        fidelity=grid([r.fidelity for r in records]),
+        ranks=grid([r.setting.rank for r in records]).astype(np.int64),
+        keeps=grid([r.setting.keep for r in records]).astype(np.float64),
+        terms={name: grid([r.terms[name] for r in records]) for name in names},
         flops=grid([float(r.flops.total) for r in records]),
         flops_full=grid([float(r.flops_full.total) for r in records]),
         spectra=grid([r.spectrum for r in records]),
-        input_stats=grid([r.input_stats for r in records]),
+        input_stats=grid(stats),
         nll_sum=nll_sum,
         n_predicted=n_predicted,
-        sweep_fidelity=grid([r.sweep_fidelity for r in records]) if sweep else None,
+        sweep=sweep,
     )
 
 
 class LiveWindow:
-    """Closed-loop run of one window, one rank decision at a time.
+    """Closed-loop run of one window, one decision at a time.
 
     Example:
         >>> live = LiveWindow(lm, tokens, segment_length=256, method="gram")
@@ -272,30 +333,33 @@ class LiveWindow:
         lm: LoadedModel,
         tokens,
         segment_length: int,
-        method: str = "gram",
+        method: str | AttentionMethod = "gram",
         basis: torch.Tensor | None = None,
+        keep: float = 1.0,
+        terms: Sequence[str] = ("cosine",),
+        gradient: LossGradient | None = None,
     ) -> None:
-        self._args = (lm, tokens, segment_length, method)
-        self._basis = basis
+        self.lm, self.tokens, self.segment_length = lm, tokens, segment_length
+        self.method = resolve_method(lm, method, basis)
+        self._options = {"keep": keep, "terms": terms, "gradient": gradient}
         self._records: list[LayerRecord] = []
         self._worker: greenlet | None = None
         self.segment = 0
         self.result: WindowResult | None = None
 
-    def _decide(self, segment: int, request: LayerRequest) -> int:
+    def _decide(self, segment: int, request: LayerRequest):
         self.segment = segment
         return self._worker.parent.switch(request)
 
     def _run(self) -> WindowResult:
-        lm, tokens, segment_length, method = self._args
         return run_window(
-            lm,
-            tokens,
-            segment_length,
-            method,
+            self.lm,
+            self.tokens,
+            self.segment_length,
+            self.method,
             self._decide,
-            basis=self._basis,
             on_record=self._records.append,
+            **self._options,
         )
 
     def _advance(self, *value) -> LayerRequest | None:
@@ -312,16 +376,17 @@ class LiveWindow:
         self._worker = greenlet(self._run)
         return self._advance()
 
-    def step(self, rank: int) -> tuple[LayerRecord, LayerRequest | None]:
-        """Execute the pending layer at ``rank``; return its record and the next request."""
+    def step(self, setting: int | Setting) -> tuple[LayerRecord, LayerRequest | None]:
+        """Execute the pending layer at ``setting``; return its record and the next request."""
         if self._worker is None or self._worker.dead:
             raise RuntimeError("LiveWindow.step called before start() or after the window ended")
-        rank = check_rank(rank, self._args[0].head_dim)  # a bad rank leaves the window running
-        request = self._advance(rank)
+        # A bad setting raises here and leaves the window running.
+        setting = to_setting(self.method, setting, self._options["keep"])
+        request = self._advance(setting)
         return self._records[-1], request
 
     def close(self) -> None:
-        """Abandon a window still running (its controller is detached)."""
+        """Abandon a window still running."""
         if self._worker is not None and not self._worker.dead:
             self._worker.throw(GreenletExit)
         self._worker = None

@@ -1,0 +1,97 @@
+"""The backend Protocol: everything the Gym front end needs of what runs a step.
+
+The front end (:class:`~drrl_env.envs.dynamic_rank.DynamicRankEnv`) never reaches into a
+backend: it reads the attributes and calls the methods of :class:`Backend`. Two backends
+implement it: :class:`~drrl_env.envs.backends.cached.CachedBackend` (teacher-forced
+lookups, for training) and :class:`~drrl_env.envs.backends.live.LiveBackend` (the model
+closed loop, for evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from drrl_env.envs.actions import ActionGrid
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Attention shape of a model."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim])
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What the observation shows of the layer about to run."""
+
+    spectrum: np.ndarray  # (d,) energies in truncation order, summing to 1
+    input_stats: np.ndarray  # (3,)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Executed and exact attention FLOPs of one layer call, per segment and action.
+
+    Attributes:
+        executed: (S, A) FLOPs of each action at each segment (features included).
+        full: (S,) FLOPs of exact attention at each segment.
+    """
+
+    executed: np.ndarray
+    full: np.ndarray
+
+    @property
+    def ratios(self) -> np.ndarray:
+        """(S, A) executed / exact FLOPs."""
+        return self.executed / self.full[:, None]
+
+
+class Backend(Protocol):
+    """What runs the steps of a dynamic-rank environment.
+
+    Attributes:
+        shape: The model's attention shape.
+        actions: The action grid.
+        n_windows: Windows of the split an episode can read.
+        weight_stats: (L, 3) projection-weight statistics of each layer.
+        costs: FLOPs of every action at every segment (the same for every window).
+        tokens: (n_windows, seq_len) token ids of the windows (replay, evaluation).
+    """
+
+    shape: ModelShape
+    actions: ActionGrid
+    n_windows: int
+    weight_stats: np.ndarray
+    costs: CostTable
+    tokens: np.ndarray
+
+    def begin(self, window: int) -> LayerView:
+        """Start ``window``; return the view of its first layer call."""
+
+    def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
+        """Run ``action`` at (segment, layer); return its raw measurements (drrl_env.rewards)."""
+
+    def view(self) -> LayerView:
+        """The view of the next layer call (after :meth:`execute`)."""
+
+    def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
+        """Raw measurements of every action at (segment, layer), without executing.
+
+        Only a teacher-forced backend knows them (lookups); others raise RuntimeError.
+        """
+
+    def finish(self) -> dict:
+        """Numbers of the finished episode the backend alone knows (e.g. perplexity)."""
+
+    def close(self) -> None:
+        """Release what the backend holds (a suspended forward pass)."""

@@ -1,0 +1,108 @@
+"""The live backend: steps run the frozen model closed loop, one layer call at a time.
+
+The settings chosen so far change the inputs of later layers, so errors compound, and the
+window's perplexity at the end is real. Several live environments of one process share the
+model (each window runs in a greenlet of its own, with its own controller).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from drrl_env.envs.actions import ActionGrid
+from drrl_env.envs.backends.base import LayerView
+from drrl_env.envs.backends.resources import (
+    build_method,
+    cost_table,
+    load_split_windows,
+    model_shape,
+    shared_model,
+    weight_statistics,
+)
+from drrl_env.envs.config import EnvConfig
+from drrl_env.rewards import fidelity_term
+
+
+class LiveBackend:
+    """Runs the model closed loop (see the module docstring)."""
+
+    def __init__(self, config: EnvConfig) -> None:
+        self.config = config
+        self.lm = shared_model(config.model, config.device, config.cache_dir)
+        self.shape = model_shape(self.lm)
+        self.actions = ActionGrid.from_config(config, self.shape.head_dim)
+        self.weight_stats = weight_statistics(self.lm)
+        self.tokens = load_split_windows(config, self.lm.tokenizer)
+        self.n_windows = len(self.tokens)
+        self.method = build_method(config, self.shape, self.lm)
+        self.costs = cost_table(self.method, config, self.shape, self.actions)
+        raw = fidelity_term(config.fidelity).raw
+        self.terms = ("cosine",) if raw == "cosine" else ("cosine", raw)
+        self._live = None
+        self._request = None
+        self._full: dict[int, tuple[float, float]] = {}
+        self._window = 0
+        self.last_record = None
+
+    def __getstate__(self):
+        raise TypeError(
+            "a live dynamic-rank env holds a model forward pass suspended mid-window and "
+            "cannot be pickled. Pickle its configuration instead (env.unwrapped.config) and "
+            "rebuild it with DynamicRankEnv(config) or gym.make(id, **config.as_dict()); "
+            "vectorized envs build each copy in its worker from the id, which works."
+        )
+
+    def begin(self, window: int) -> LayerView:
+        from drrl_env.lm.measure import loss_gradient
+        from drrl_env.lm.runner import LiveWindow
+
+        self.close()
+        self._window = window
+        gradient = loss_gradient(self.lm, self.tokens[window]) if len(self.terms) > 1 else None
+        self._live = LiveWindow(
+            self.lm,
+            self.tokens[window],
+            self.config.segment_length,
+            self.method,
+            terms=self.terms,
+            gradient=gradient,
+        )
+        self._request = self._live.start()
+        return self.view()
+
+    def view(self) -> LayerView:
+        return LayerView(self._request.spectrum, self._request.input_stats)
+
+    def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
+        record, self._request = self._live.step(self.actions.settings[action])
+        self.last_record = record
+        return dict(record.terms)
+
+    def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
+        raise RuntimeError(
+            "the live backend runs one setting per layer call: candidate measurements need "
+            "backend='cached'"
+        )
+
+    def full_rank(self, window: int) -> tuple[float, float]:
+        """(perplexity, mean NLL) of ``window`` at exact attention (computed once)."""
+        from drrl_env.lm.runner import run_window
+
+        if window not in self._full:
+            result = run_window(self.lm, self.tokens[window], self.config.segment_length, "full")
+            self._full[window] = (result.perplexity, result.nll_sum / result.n_predicted)
+        return self._full[window]
+
+    def finish(self) -> dict:
+        result = self._live.result
+        perplexity_full, mean_nll_full = self.full_rank(self._window)
+        return {
+            "perplexity": result.perplexity,
+            "perplexity_full": perplexity_full,
+            "mean_nll": result.nll_sum / result.n_predicted,
+            "mean_nll_full": mean_nll_full,
+        }
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
