@@ -23,7 +23,7 @@ ENTRY_POINT = "drrl_env.envs.dynamic_rank:DynamicRankEnv"
 
 _TINY = {"model": "tiny-llama", "seq_len": 512, "segment_length": 128, "max_windows": 16}
 _TOPK = {"method": "topk"}
-_BUDGET = {"method": "topk", "budget": 0.6}
+_BUDGET = {"method": "topk", "keeps": (0.25, 0.5), "budget": 0.6}
 
 ENV_IDS: dict[str, dict] = {
     "DRRL-Wikitext-v0": {"backend": "cached"},

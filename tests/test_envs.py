@@ -245,7 +245,7 @@ def budget_env(cache_root):
 
 def test_budget_wall_keeps_every_episode_within_budget(budget_env):
     env = budget_env.unwrapped
-    assert env.layout.budgeted and env.layout.size == 13 + 3 * 8
+    assert env.layout.budgeted and env.layout.size == 13 + 3 * 15  # (rank, keep) pairs
     rng = np.random.default_rng(0)
     for episode in range(6):
         env.reset(options={"window": episode % 2})
@@ -257,7 +257,7 @@ def test_budget_wall_keeps_every_episode_within_budget(budget_env):
             costs = env.costs.executed[step // env.n_layers]
             future = env.wall.min_future[step + 1]
             np.testing.assert_array_equal(mask, spent + costs + future <= env.wall.cap * (1 + 1e-9))
-            action = int(rng.integers(8)) if episode % 2 else 7  # greedy for quality, or random
+            action = int(rng.integers(15)) if episode % 2 else 14  # exact attention, or random
             _, reward, terminated, _, info = env.step(action)
             assert info["action_masked"] == (not mask[action])
             if not mask[action]:

@@ -91,7 +91,7 @@ def test_import_ray_missing_names_the_install_command(monkeypatch):
 
 def test_execute_local_in_order_and_unknown_executor():
     assert list(execute(lambda x: x * x, [3, 1, 2])) == [(3, 9), (1, 1), (2, 4)]
-    with pytest.raises(ArgumentError, match="executor='threads'"):
+    with pytest.raises(ValueError, match="executor='threads'"):
         list(execute(abs, [1], "threads"))
 
 
