@@ -1,0 +1,62 @@
+"""experiments/budget_frontier.py on the tiny budgeted env: every budget and policy, in budget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "budget_frontier.py"
+TINY = [
+    "--env-id", "DRRL-Tiny-Budget-v0",
+    "--budgets", "0.9", "0.6",
+    "--agents", "ppo:mlp",
+    "--seeds", "0",
+    "--total-timesteps", "256",
+    "--train-windows", "2",
+    "--eval-windows", "2",
+    "--threads", "1",
+]  # fmt: skip
+BASELINES = {
+    "full_rank",
+    "best_uniform",
+    "static_allocation",
+    "lagrangian_greedy",
+    "dp_optimum",
+    "uniform_random",
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("frontier")
+    env = {**os.environ, "DRRL_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "fr-cache")}
+    command = [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(out), "--run-name", "f"]
+    subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+    return out / "f"
+
+
+def test_every_budget_and_policy_is_in_the_frontier_and_within_budget(run_dir):
+    frontier = pd.read_csv(run_dir / "frontier.csv")
+    assert sorted(set(frontier["budget"])) == [0.6, 0.9]
+    for budget, part in frontier.groupby("budget"):
+        assert set(part["policy"]) == {"ppo_mlp", *BASELINES}
+        assert (part["flops_ratio"] <= budget + 1e-9).all()
+        full = part[part["policy"] == "full_rank"].iloc[0]
+        assert full["flops_ratio"] > budget - 0.1  # asks for exact attention: spends the budget
+        assert (run_dir / f"budget_{budget:g}" / "summary.csv").is_file()
+    table = (run_dir / "frontier.md").read_text()
+    assert table.count("\n") == len(frontier) + 2  # header, rule, one line per row
+    assert (run_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_budget_outside_the_unit_interval_fails_before_any_work(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--budgets", "1.5", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "budgets: 1.5 is outside (0, 1]" in result.stderr
+    assert not list(tmp_path.iterdir())
