@@ -1,0 +1,258 @@
+"""Proxy validity: how well each fidelity term's cached episode sum tracks real perplexity.
+
+On held-out windows, many action schedules (static actions, uniform random, energy
+thresholds, greedy oracles of several reward settings, random mixtures of two actions) are
+played twice: on the cached backend, where each fidelity term's raw measurement is summed
+over the episode (teacher forced, every cell measured on the inputs of exact attention),
+and on the live backend, which runs the model closed loop and measures the window's
+perplexity. For each term, the Spearman rank correlation between its predicted damage
+(``sum(1 - cosine)``, ``sum(dnll_taylor)``, ``sum(dnll_fisher)``) and the live change of
+log-perplexity says how well the term ranks schedules by what they cost the model.
+
+Writes ``schedules.csv`` (one row per window and schedule, appended as each finishes:
+``--resume`` skips the finished ones), ``correlations.csv`` and ``correlations.md``
+(generated from the CSV) and ``scatter.png`` under ``<out_dir>/<run_name>``.
+
+    python experiments/proxy_validity.py                       # 2 windows x 50 schedules
+    python experiments/proxy_validity.py --eval-windows 1 --random 5 --resume
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import torch
+import tyro
+from tqdm import tqdm
+
+import drrl_env  # noqa: F401 (registers the ids)
+from agents.baselines import EnergyThresholdPolicy, GreedyOraclePolicy
+from agents.evaluation import predict_action
+from agents.reporting import markdown_from_frame
+from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from drrl_env.replay import replay
+
+PROXIES = {
+    "cosine": ("sum_one_minus_cosine", "sum over cells of 1 - cosine"),
+    "loss": ("sum_dnll_taylor", "sum over cells of the first-order loss change"),
+    "loss-fisher": ("sum_dnll_fisher", "sum over cells of the second-order loss change"),
+}
+"""Fidelity term -> (column of its predicted damage, what the column sums)."""
+KEY = ("window", "schedule")
+COLUMNS_MD = (
+    ("fidelity term", "term", "{}"),
+    ("predicted damage", "proxy", "{}"),
+    ("Spearman ρ", "spearman", "{:.3f}"),
+    ("Pearson r", "pearson", "{:.3f}"),
+    ("schedules", "schedules", "{}"),
+)
+
+
+@dataclass(frozen=True)
+class Args:
+    """Rank correlation of each fidelity term with the live change of log-perplexity."""
+
+    env_id: str = "DRRL-Wikitext-TopK-v0"
+    """Registered id (its model, method and data); the guardrail is switched off."""
+    keeps: tuple[float, ...] | None = (0.25, 0.5)
+    """Keep fractions of a sparse method's (rank, keep) grid; None keeps the id's own."""
+    eval_windows: int = 2
+    """Held-out windows every schedule runs on."""
+    random: int = 14
+    """Uniform random schedules per window."""
+    mixtures: int = 12
+    """Random mixtures of two actions per window."""
+    energy_taus: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)
+    """Energy-threshold schedules."""
+    greedy_betas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """FLOPs weights of the greedy-oracle schedules (one per fidelity term and weight)."""
+    seed: int = 0
+    """Seed of the random and mixed schedules."""
+    out_dir: str = "results"
+    """Parent folder of the run folder."""
+    run_name: str = "proxy_validity"
+    """Run folder inside out_dir."""
+    overwrite: bool = False
+    """Start again in an existing run folder."""
+    resume: bool = False
+    """Keep the finished schedules and run the rest."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the model."""
+    threads: int = 2
+    """Torch threads."""
+
+    def __post_init__(self) -> None:
+        if self.env_id not in drrl_env.ENV_IDS:
+            raise ArgumentError(
+                f"env_id: {self.env_id!r} is not registered; registered: "
+                f"{', '.join(drrl_env.ENV_IDS)}"
+            )
+        for name in ("eval_windows", "threads"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("random", "mixtures"):
+            if getattr(self, name) < 0:
+                raise ArgumentError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for tau in self.energy_taus:
+            if not 0 < tau <= 1:
+                raise ArgumentError(f"energy_taus: {tau!r} is outside (0, 1]")
+        check_device(self.device)
+
+    def env_kwargs(self) -> dict:
+        kwargs = {"split": "eval", "max_windows": self.eval_windows, "max_perturbation": 1.0}
+        kwargs["device"] = self.device
+        return kwargs if self.keeps is None else {**kwargs, "keeps": self.keeps}
+
+
+def play(env: gym.Env, policy, window: int) -> np.ndarray:
+    """The executed actions (S, L) of ``policy`` on ``window`` of ``env``."""
+    observation, _ = env.reset(options={"window": window})
+    done, info = False, {}
+    while not done:
+        observation, _, done, _, info = env.step(predict_action(policy, observation, env))
+    return np.asarray(info["episode_summary"]["actions"])
+
+
+def schedules(args: Args, cached: gym.Env, window: int) -> dict[str, np.ndarray]:
+    """Every schedule of one window, by name: static, random, mixture, energy, greedy."""
+    base = cached.unwrapped
+    shape, n_actions = (base.n_segments, base.n_layers), len(base.actions)
+    rng = np.random.default_rng([args.seed, window])
+    plan = {f"static_{s.label()}": np.full(shape, i) for i, s in enumerate(base.actions.settings)}
+    for k in range(args.random):
+        plan[f"random_{k}"] = rng.integers(0, n_actions, size=shape)
+    for k in range(args.mixtures):
+        first, second = rng.choice(n_actions, size=2, replace=False)
+        share = rng.uniform(0.2, 0.8)
+        plan[f"mixture_{k}"] = np.where(rng.random(shape) < share, first, second)
+    for tau in args.energy_taus:
+        plan[f"energy_{tau:g}"] = play(cached, EnergyThresholdPolicy(cached, tau), window)
+    for term in PROXIES:
+        for beta in args.greedy_betas:
+            env = gym.make(args.env_id, **args.env_kwargs(), fidelity=term, beta=beta, gamma=0.0)
+            plan[f"greedy_{term}_beta{beta:g}"] = play(env, GreedyOraclePolicy(env), window)
+    return plan
+
+
+def cached_proxies(cached: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
+    """Each term's predicted damage of a schedule, from the cached (teacher-forced) cells."""
+    shard = cached.unwrapped.backend.cache.store.read_shard(window)
+    index = np.asarray(actions)[..., None]  # (S, L, 1)
+
+    def total(name: str) -> float:
+        return float(np.take_along_axis(np.asarray(shard[name]), index, -1).sum())
+
+    steps = actions.size
+    return {
+        "sum_one_minus_cosine": steps - total("cosine"),
+        "sum_dnll_taylor": total("dnll_taylor"),
+        "sum_dnll_fisher": total("dnll_fisher"),
+    }
+
+
+def live_change(live: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
+    """The live episode of a schedule: perplexities and the change of log-perplexity."""
+    result = replay(live.unwrapped, window, actions)
+    perplexity, full = result.summary["perplexity"], result.summary["perplexity_full"]
+    flops = result.summary["flops_ratio"]
+    return {
+        "perplexity": perplexity,
+        "perplexity_full": full,
+        "delta_log_ppl": math.log(perplexity / full),
+        "flops_ratio": flops,
+    }
+
+
+def correlations(rows: pd.DataFrame) -> pd.DataFrame:
+    """Spearman and Pearson correlation of each term's predicted damage with the live one."""
+    table = []
+    for term, (column, _) in PROXIES.items():
+        # Spearman's rho: Pearson's r of the ranks (ties share their average rank)
+        rho = rows[column].rank().corr(rows["delta_log_ppl"].rank())
+        r = rows[column].corr(rows["delta_log_ppl"], method="pearson")
+        table.append(
+            {
+                "term": term,
+                "proxy": column,
+                "spearman": rho,
+                "pearson": r,
+                "schedules": len(rows),
+            }
+        )
+    return pd.DataFrame(table).sort_values("spearman", ascending=False, ignore_index=True)
+
+
+def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
+    """One panel per term: predicted damage (cached) vs live change of log-perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PROXIES), figsize=(5 * len(PROXIES), 4.2))
+    kinds = rows["schedule"].str.split("_").str[0]
+    for ax, (term, (column, label)) in zip(axes, PROXIES.items(), strict=True):
+        for kind in dict.fromkeys(kinds):
+            part = rows[kinds == kind]
+            ax.scatter(part[column], part["delta_log_ppl"], s=14, label=kind, alpha=0.8)
+        rho = float(table.loc[table["term"] == term, "spearman"].iloc[0])
+        ax.set(xlabel=label, ylabel="live change of log-perplexity", title=f"{term}: ρ = {rho:.3f}")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> Path:
+    """Play every schedule cached and live, then write the correlations and the scatter."""
+    folder = RunFolder(
+        Path(args.out_dir) / args.run_name,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        ignored=("out_dir", "run_name", "overwrite", "resume", "threads"),
+    )
+    folder.check(asdict(args))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    cached = gym.make(args.env_id, **args.env_kwargs())
+    live = gym.make(args.env_id, **args.env_kwargs(), backend="live")
+    folder.prepare(asdict(args), torch=torch.__version__)
+    log = RowLog(folder.path / "schedules.csv", KEY)
+    done = log.keys()  # (window, schedule) as the strings the file holds
+    windows = range(cached.unwrapped.backend.n_windows)
+    plans = {window: schedules(args, cached, window) for window in windows}
+    todo = [
+        (window, name)
+        for window, plan in plans.items()
+        for name in plan
+        if log.key_of({"window": window, "schedule": name}) not in done
+    ]
+    for window, name in tqdm(todo, desc="live episodes", unit="schedule"):
+        actions = plans[window][name]
+        row = {"window": window, "schedule": name, "actions": json.dumps(actions.tolist())}
+        row |= cached_proxies(cached, window, actions) | live_change(live, window, actions)
+        log.append(pd.DataFrame([row]))
+    rows = log.read()
+    table = correlations(rows)
+    table.to_csv(folder.path / "correlations.csv", index=False)
+    written = pd.read_csv(folder.path / "correlations.csv")
+    (folder.path / "correlations.md").write_text(markdown_from_frame(written, COLUMNS_MD))
+    scatter(rows, written, folder.path / "scatter.png")
+    folder.update_config(wall_s=time.perf_counter() - started, schedules=len(rows))
+    print((folder.path / "correlations.md").read_text())
+    return folder.path
+
+
+if __name__ == "__main__":
+    run_main(main, tyro.cli(Args))
