@@ -1,72 +1,234 @@
-"""Steps per second of the raw environment (no agent), cached vs live backend, one run.
+"""Environment throughput, side by side in one run: vectorized copies, memory, live cost.
 
-Also times building the cached rollouts when they are not on disk yet.
+Sections (``--sections``, all by default):
 
-    python benchmarks/env_steps.py                      # the default DRRL-Wikitext-v0
-    python benchmarks/env_steps.py --env-id DRRL-Tiny-v0
+- ``vector``: steps per second of the cached backend with 1, 2 and 4 copies, through
+  ``gymnasium.make_vec`` with ``sync`` and ``async`` vectorization (random actions; the
+  rate counts the steps of all copies);
+- ``memory``: memory of N async copies against one: the unique (USS) and proportional
+  (PSS) set size of each worker process (psutil). The cached arrays are memory-mapped, so
+  their pages are shared between copies: PSS divides them among the processes that map
+  them, USS leaves them out;
+- ``live``: one live episode of each method at exact attention and at its cheapest
+  action, against one plain SDPA forward of the same window (the model's own ``sdpa``
+  attention, no environment): the cost of running the environment closed loop.
+
+Writes ``env_steps.csv`` and ``env_steps.md`` under ``out_dir`` and prints the table.
+
+    python benchmarks/env_steps.py                                  # DRRL-Wikitext ids
+    python benchmarks/env_steps.py --env-id DRRL-Tiny-v0 --live-methods calibrated topk
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import pandas as pd
 import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
-from drrl_env.envs.backends.cached import RolloutCache
-from drrl_env.envs.config import EnvConfig
+
+COLUMNS = ("section", "setup", "copies", "value", "unit", "note")
 
 
 @dataclass(frozen=True)
 class Args:
+    """Throughput and memory of the environment; cost of a live episode."""
+
     env_id: str = "DRRL-Wikitext-v0"
-    """Registered environment id."""
-    cached_steps: int = 200_000
-    """Steps timed on the cached backend."""
-    live_episodes: int = 1
-    """Episodes timed on the live backend."""
+    """Registered id of the cached sections (its cache is built first if missing)."""
+    sections: tuple[str, ...] = ("vector", "memory", "live")
+    """Which measurements to run."""
+    copies: tuple[int, ...] = (1, 2, 4)
+    """Numbers of environment copies of the vector and memory sections."""
+    steps: int = 20_000
+    """Steps per copy timed in the vector section."""
+    live_methods: tuple[str, ...] = ("gram", "calibrated", "topk")
+    """Methods of the live section."""
+    live_repeats: int = 2
+    """Episodes timed per method and action (the median is reported)."""
+    max_windows: int = 8
+    """Windows of the cached env (built if missing)."""
     threads: int = 1
-    """Torch threads (the live backend runs the model)."""
+    """Torch threads (the live section runs the model)."""
     seed: int = 0
     """Seed of the random actions."""
+    out_dir: Path = Path("results/benchmarks")
+    """Where env_steps.csv and env_steps.md are written."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the model (cuda when present, else cpu)."""
+    """Torch device of the model."""
 
 
-def steps_per_second(env: gym.Env, steps: int, seed: int) -> tuple[float, int]:
-    """Random actions for ``steps`` steps (resetting at episode ends); (steps/s, steps)."""
-    rng = np.random.default_rng(seed)
-    actions = rng.integers(0, env.action_space.n, size=steps)
-    env.reset(seed=seed)
-    start = time.perf_counter()
-    for action in actions:
-        _, _, terminated, truncated, _ = env.step(int(action))
-        if terminated or truncated:
-            env.reset()
-    return steps / (time.perf_counter() - start), steps
-
-
-def main(args: Args) -> None:
-    torch.set_num_threads(args.threads)
-    config = EnvConfig(**{**gym.spec(args.env_id).kwargs, "backend": "cached"})
-    built = RolloutCache(config).missing() != []
-    start = time.perf_counter()
-    cached = gym.make(args.env_id, backend="cached", device=args.device).unwrapped
-    setup = time.perf_counter() - start
-    rate, steps = steps_per_second(cached, args.cached_steps, args.seed)
-    print(
-        f"cached: {rate:,.0f} steps/s over {steps:,} steps "
-        f"(setup {setup:.1f} s{', cache built' if built else ', cache loaded'})"
+def make_vector(args: Args, copies: int, mode: str):
+    """``copies`` cached envs through gymnasium's vector API."""
+    return gym.make_vec(
+        args.env_id,
+        num_envs=copies,
+        vectorization_mode=mode,
+        max_windows=args.max_windows,
+        device=args.device,
     )
-    live = gym.make(args.env_id, backend="live", device=args.device).unwrapped
-    episode = live.n_segments * live.n_layers
-    live_rate, live_steps = steps_per_second(live, episode * args.live_episodes, args.seed)
-    print(f"live: {live_rate:,.1f} steps/s over {live_steps} steps")
-    print(f"cached / live: {rate / live_rate:,.0f}x")
+
+
+def vector_rate(args: Args, copies: int, mode: str) -> float:
+    """Steps per second of all copies together (autoreset handles episode ends)."""
+    vector = make_vector(args, copies, mode)
+    try:
+        rng = np.random.default_rng(args.seed)
+        actions = rng.integers(0, vector.single_action_space.n, size=(args.steps, copies))
+        vector.reset(seed=args.seed)
+        start = time.perf_counter()
+        for action in actions:
+            vector.step(action)
+        return args.steps * copies / (time.perf_counter() - start)
+    finally:
+        vector.close()
+
+
+def worker_memory(args: Args, copies: int) -> tuple[float, float]:
+    """Mean USS and total PSS (MiB) of the worker processes of ``copies`` async envs."""
+    import psutil
+
+    vector = make_vector(args, copies, "async")
+    try:
+        vector.reset(seed=args.seed)
+        for _ in range(200):  # touch the cached arrays of a few episodes
+            vector.step(np.zeros(copies, dtype=np.int64))
+        workers = [psutil.Process(p.pid) for p in vector.processes]
+        info = [worker.memory_full_info() for worker in workers]
+        return float(np.mean([i.uss for i in info])) / 2**20, sum(i.pss for i in info) / 2**20
+    finally:
+        vector.close()
+
+
+def timed_episode(env: gym.Env, action: int) -> float:
+    """Seconds of one episode of window 0 with the same action at every step."""
+    env.reset(options={"window": 0})
+    start = time.perf_counter()
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(action)
+    return time.perf_counter() - start
+
+
+def sdpa_forward(env: gym.Env, repeats: int) -> float:
+    """Median seconds of one plain forward of window 0 with the model's own SDPA attention."""
+    from drrl_env.lm.attention import ATTENTION_NAME
+
+    backend = env.unwrapped.backend
+    model = backend.lm.model
+    ids = torch.as_tensor(backend.tokens[0])[None].to(backend.lm.device)
+    seconds = []
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)  # warm
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(input_ids=ids)
+                seconds.append(time.perf_counter() - start)
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return float(np.median(seconds))
+
+
+def live_rows(args: Args) -> list[dict]:
+    """Live episodes per method at exact attention and at the cheapest action, vs SDPA."""
+    rows, sdpa = [], None
+    for method in args.live_methods:
+        env = gym.make(
+            args.env_id,
+            backend="live",
+            split="eval",
+            max_windows=1,
+            method=method,
+            device=args.device,
+        )
+        if sdpa is None:
+            sdpa = sdpa_forward(env, args.live_repeats)
+            rows.append(row("live", "plain SDPA forward of the window", 1, sdpa, "s"))
+        base = env.unwrapped
+        cheapest = int(np.argmin(base.costs.executed.sum(axis=0)))
+        for label, action in (("exact", base.actions.full_action), ("cheapest", cheapest)):
+            timed_episode(env, action)  # warm
+            seconds = float(
+                np.median([timed_episode(env, action) for _ in range(args.live_repeats)])
+            )
+            setting = base.actions.settings[action].label()
+            rows.append(row("live", f"{method} episode, {label} ({setting})", 1, seconds, "s"))
+            rows.append(
+                row("live", f"{method} episode, {label} / SDPA forward", 1, seconds / sdpa, "x")
+            )
+        env.close()
+    return rows
+
+
+def row(section: str, setup: str, copies: int, value: float, unit: str, note: str = "") -> dict:
+    return {
+        "section": section,
+        "setup": setup,
+        "copies": copies,
+        "value": value,
+        "unit": unit,
+        "note": note,
+    }
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| section | setup | copies | value | unit |", "|---|---|---|---|---|"]
+    for entry in table.to_dict("records"):
+        value = entry["value"]
+        shown = "–" if isinstance(value, float) and math.isnan(value) else f"{value:,.3g}"
+        if entry["unit"] == "steps/s":
+            shown = f"{value:,.0f}"
+        lines.append(
+            f"| {entry['section']} | {entry['setup']} | {entry['copies']} | {shown} | "
+            f"{entry['unit']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> Path:
+    """Run the sections, write the CSV and the Markdown."""
+    unknown = set(args.sections) - {"vector", "memory", "live"}
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; sections: vector, memory, live")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    gym.make(args.env_id, max_windows=args.max_windows, device=args.device).close()  # cache
+    rows = []
+    if "vector" in args.sections:
+        for mode in ("sync", "async"):
+            for copies in args.copies:
+                rate = vector_rate(args, copies, mode)
+                rows.append(row("vector", f"cached, {mode}", copies, rate, "steps/s"))
+    if "memory" in args.sections:
+        for copies in args.copies:
+            uss, pss = worker_memory(args, copies)
+            rows.append(row("memory", "async worker, unique (USS) each", copies, uss, "MiB"))
+            rows.append(
+                row("memory", "async workers, proportional (PSS) total", copies, pss, "MiB")
+            )
+    if "live" in args.sections:
+        rows += live_rows(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table.to_csv(args.out_dir / "env_steps.csv", index=False)
+    header = (
+        f"{args.env_id}, {args.threads} torch thread(s), device {args.device}, torch "
+        f"{torch.__version__}; {args.steps:,} steps per copy in the vector section; "
+        f"{time.perf_counter() - started:.0f} s in all.\n\n"
+    )
+    text = header + markdown(pd.read_csv(args.out_dir / "env_steps.csv"))
+    (args.out_dir / "env_steps.md").write_text(text)
+    print(text)
+    return args.out_dir / "env_steps.csv"
 
 
 if __name__ == "__main__":

@@ -1,26 +1,27 @@
-"""Wall time and executed FLOPs of one attention layer: SDPA, eager full rank, low-rank kernels.
+"""Wall time and executed FLOPs of one attention layer: SDPA, eager exact, every method's paths.
 
-One layer with SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, head dim 64),
-batch 1, causal, random Q/K/V, one segment of ``L`` queries over ``L`` keys. Side by side:
+One layer with SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, head dim
+64), batch 1, causal, random Q/K/V, one segment of ``L`` queries over ``L`` keys. Side by
+side in one run, on the same inputs:
 
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal=True``), with the
-  key/value heads repeated for grouped-query attention inside the timed call;
-- ``full``: our eager :func:`~drrl_env.lm.attention.full_attention` (additive causal mask);
-- ``gram``, ``svd``, ``calibrated`` at each rank: the kernels exactly as the model runs them,
-  through :meth:`~drrl_env.lm.attention.RankController.attend` (``gram`` includes its Gram
-  matrices and ``eigh``, ``svd`` its two SVDs, ``calibrated`` uses a fixed random orthonormal
-  basis).
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal=True``);
+- ``full``: our eager exact attention (additive causal mask);
+- each method at each setting, on each of its paths: ``fast`` (the kernel the model runs:
+  eager matmuls for the dense low-rank methods, the gather for ``topk``), ``fused``
+  (FlexAttention, compiled: low-rank scores with ``A V`` at the head dim, or the block mask
+  of ``topk-block``) and, for ``topk``, its dense ``reference``. Every timed call includes
+  the method's observation features (rotating or decomposing the new keys), as a layer call
+  of the environment does. Calibrated methods use a random orthonormal basis.
 
 Wall time is the median of ``repeats`` timed calls after ``warmup`` untimed ones; from
-``L >= long_length`` on, ``long_repeats`` calls after ``long_warmup`` (on CPU the kernels are
-warm from the shorter lengths by then), so a CPU run stays short. FLOPs come from
-:mod:`drrl_env.flops` (dense counts: the causal half is not skipped in the count, whatever a
-fused kernel skips). ``cos_vs_full`` is the mean cosine of each kernel's output against the
-eager full-rank output on the same inputs; random Q/K have a flat spectrum, so low-rank
-fidelity here says nothing about a trained model.
+``L >= long_length`` on, ``long_repeats`` calls after ``long_warmup``. A kernel whose dense
+``(H, L, L)`` tensors would exceed ``max_dense_gib`` is skipped (its row says so); the
+fused and gather paths never build them. FLOPs come from each method's own count (dense
+causal counts for dense kernels; kept keys or blocks for the sparse ones); ``cos_vs_full``
+is the output cosine against exact attention on the same inputs (random Q/K have a flat
+spectrum: it says nothing of a trained model's fidelity).
 
-The kernels and the timing come from :mod:`drrl_env.lm.kernel_timing`. Writes
-``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir`` and prints the table.
+Writes ``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir``, prints the table.
 
 Example:
     python benchmarks/kernel_flops.py --lengths 512 1024 --repeats 3
@@ -29,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -41,7 +43,6 @@ from tqdm import tqdm
 from drrl_env.flops import flops_ratio
 from drrl_env.lm.kernel_timing import (
     AttentionShape,
-    Kernel,
     KernelSpec,
     attention_kernels,
     full_flops,
@@ -49,13 +50,13 @@ from drrl_env.lm.kernel_timing import (
 )
 from drrl_env.lm.measure import output_cosine
 
-LOWRANK_METHODS = ("gram", "svd", "calibrated")
-
 COLUMNS = (
     "device",
     "L",
     "kernel",
+    "path",
     "rank",
+    "keep",
     "time_ms",
     "time_vs_sdpa",
     "gflops",
@@ -63,17 +64,31 @@ COLUMNS = (
     "cos_vs_full",
     "warmup",
     "repeats",
+    "note",
+)
+DEFAULT_SPECS = (
+    "gram:16:1:fast",
+    "gram:16:1:fused",
+    "svd:16:1:fast",
+    "calibrated:16:1:fast",
+    "calibrated:16:1:fused",
+    "calibrated:32:1:fused",
+    "topk:16:0.5:fast",
+    "topk:16:0.25:fast",
+    "topk:16:0.25:reference",
+    "topk-block:16:0.5:fused",
+    "topk-block:16:0.25:fused",
 )
 
 
 @dataclass(frozen=True)
 class Args:
-    """Single-layer attention benchmark: wall time and executed FLOPs per kernel."""
+    """Single-layer attention benchmark: wall time and executed FLOPs per kernel and path."""
 
-    lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
     """Sequence lengths L (queries = keys = L)."""
-    ranks: tuple[int, ...] = (16, 32)
-    """Ranks of the low-rank kernels."""
+    kernels: tuple[str, ...] = DEFAULT_SPECS
+    """``method:rank:keep:path`` of each kernel besides sdpa and full."""
     heads: int = 9
     """Query heads (SmolLM2-135M: 9)."""
     kv_heads: int = 3
@@ -81,71 +96,88 @@ class Args:
     head_dim: int = 64
     """Head dimension d (SmolLM2-135M: 64)."""
     warmup: int = 1
-    """Untimed calls before timing each kernel."""
+    """Untimed calls before timing each kernel (compiles the fused ones)."""
     repeats: int = 5
     """Timed calls per kernel (median reported) for L < long_length."""
     long_repeats: int = 2
     """Timed calls per kernel for L >= long_length (keeps CPU runs short)."""
-    long_warmup: int = 0
-    """Untimed calls per kernel for L >= long_length, CPU, once a shorter L has warmed them."""
+    long_warmup: int = 1
+    """Untimed calls per kernel for L >= long_length."""
     long_length: int = 4096
     """From this L on, use long_repeats and long_warmup."""
+    max_dense_gib: float = 12.0
+    """Skip kernels whose dense (H, L, L) float32 tensors need more memory than this."""
     seed: int = 0
-    """Seed of the random Q/K/V and of the calibrated basis."""
+    """Seed of the random Q/K/V and of the calibrated bases."""
     out_dir: Path = Path("results/benchmarks")
     """Where kernel_flops_<device type>.csv and .md are written."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Torch device (cuda when present, else cpu)."""
 
 
-def shape_of(args: Args) -> AttentionShape:
-    """The attention heads of ``args``."""
-    return AttentionShape(args.heads, args.kv_heads, args.head_dim)
-
-
-def kernels_for(args: Args, length: int, device: torch.device) -> list[Kernel]:
-    """All kernels at sequence length ``length``, on the same random inputs."""
-    specs = [KernelSpec(method, rank) for method in LOWRANK_METHODS for rank in args.ranks]
-    return attention_kernels(shape_of(args), length, specs, device, args.seed)
+def parse_spec(text: str) -> KernelSpec:
+    """``method:rank:keep:path`` as a :class:`KernelSpec` (ValueError naming the spec)."""
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise ValueError(f"kernel {text!r} is not method:rank:keep:path")
+    method, rank, keep, path = parts
+    return KernelSpec(method, int(rank), float(keep), path)
 
 
 def benchmark(args: Args) -> list[dict]:
-    """Run every kernel at every length; one dict per (L, kernel, rank)."""
+    """Run every kernel at every length; one dict per (L, kernel, path, setting)."""
     device = torch.device(args.device)
+    shape = AttentionShape(args.heads, args.kv_heads, args.head_dim)
+    specs = [parse_spec(text) for text in args.kernels]
     rows: list[dict] = []
-    progress = tqdm(total=len(args.lengths) * (2 + 3 * len(args.ranks)), desc="kernels")
+    progress = tqdm(total=len(args.lengths) * (2 + len(specs)), desc="kernels")
     with torch.inference_mode():
-        for index, length in enumerate(args.lengths):
+        for length in args.lengths:
             long = length >= args.long_length
             repeats = args.long_repeats if long else args.repeats
-            warm = long and index > 0 and device.type == "cpu"
-            warmup = args.long_warmup if warm else args.warmup
-            measured = []  # (kernel, seconds, output)
-            for kernel in kernels_for(args, length, device):
+            warmup = args.long_warmup if long else args.warmup
+            measured = []  # (kernel, seconds or None, output or None, note)
+            for kernel in attention_kernels(shape, length, specs, device, args.seed):
                 progress.set_postfix_str(f"L={length} {kernel.name} r={kernel.rank}")
-                measured.append((kernel, *time_call(kernel.call, warmup, repeats, device)))
+                gib = kernel.dense_bytes / 2**30
+                if gib > args.max_dense_gib:
+                    measured.append((kernel, None, None, f"skipped: dense tensors {gib:.1f} GiB"))
+                else:
+                    seconds, output = time_call(kernel.call, warmup, repeats, device)
+                    measured.append((kernel, seconds, output, ""))
                 progress.update()
-            seconds_of = {k.name: s for k, s, _ in measured}
-            reference = next(out for k, _, out in measured if k.name == "full")
-            full = full_flops(shape_of(args), length)
-            for kernel, seconds, output in measured:
-                rows.append(
-                    {
-                        "device": device.type,
-                        "L": length,
-                        "kernel": kernel.name,
-                        "rank": kernel.rank,
-                        "time_ms": 1e3 * seconds,
-                        "time_vs_sdpa": seconds / seconds_of["sdpa"],
-                        "gflops": kernel.flops.total / 1e9,
-                        "flops_vs_full": flops_ratio(kernel.flops, full),
-                        "cos_vs_full": output_cosine(output, reference),
-                        "warmup": warmup,
-                        "repeats": repeats,
-                    }
-                )
-            del measured, reference
+            rows += rows_of(args, device, length, measured, warmup, repeats)
+            del measured
     progress.close()
+    return rows
+
+
+def rows_of(args, device, length, measured, warmup, repeats) -> list[dict]:
+    """The table rows of one length; cosines against the exact output (eager, else SDPA)."""
+    full = full_flops(AttentionShape(args.heads, args.kv_heads, args.head_dim), length)
+    by_name = {kernel.name: (seconds, output) for kernel, seconds, output, _ in measured}
+    sdpa_seconds = by_name["sdpa"][0]
+    reference = by_name["full"][1] if by_name["full"][1] is not None else by_name["sdpa"][1]
+    rows = []
+    for kernel, seconds, output, note in measured:
+        rows.append(
+            {
+                "device": device.type,
+                "L": length,
+                "kernel": kernel.name.split("[")[0],
+                "path": kernel.path,
+                "rank": kernel.rank,
+                "keep": kernel.keep,
+                "time_ms": math.nan if seconds is None else 1e3 * seconds,
+                "time_vs_sdpa": math.nan if seconds is None else seconds / sdpa_seconds,
+                "gflops": kernel.flops.total / 1e9,
+                "flops_vs_full": flops_ratio(kernel.flops, full),
+                "cos_vs_full": math.nan if output is None else output_cosine(output, reference),
+                "warmup": warmup,
+                "repeats": repeats,
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -158,12 +190,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _format(column: str, value: str) -> str:
+    if value in ("", "nan"):
+        return "–"
     if column == "time_ms":
         return f"{float(value):.2f}"
     if column in ("time_vs_sdpa", "flops_vs_full", "gflops"):
         return f"{float(value):.3f}"
     if column == "cos_vs_full":
         return f"{float(value):.4f}"
+    if column == "keep":
+        return f"{float(value):g}"
     return value
 
 
@@ -171,7 +207,7 @@ def markdown_from_csv(csv_path: Path) -> str:
     """Render the benchmark CSV as a Markdown table (numbers rounded for reading)."""
     with csv_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    columns = list(COLUMNS)
+    columns = [c for c in COLUMNS if c != "device"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for entry in rows:
         lines.append("| " + " | ".join(_format(c, entry[c]) for c in columns) + " |")
@@ -182,6 +218,8 @@ def main(args: Args) -> None:
     """Run the benchmark, write the CSV and Markdown, print the table."""
     if args.heads % args.kv_heads:
         raise ValueError(f"kv_heads={args.kv_heads} must divide heads={args.heads}")
+    for text in args.kernels:
+        parse_spec(text)  # every spec checked before the first timing
     started = time.perf_counter()
     rows = benchmark(args)
     device_type = torch.device(args.device).type
@@ -193,14 +231,13 @@ def main(args: Args) -> None:
         f"d={args.head_dim}, batch 1, causal, float32; device {device_type} "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). time_ms: median of `repeats` timed calls after "
-        "`warmup` untimed ones (kernels already warm from the shorter L when warmup is 0). "
-        "FLOPs from drrl_env.flops (dense causal count, subspace cost included); cos_vs_full: "
-        "output cosine vs eager full rank on random Q/K/V.\n\n"
+        "`warmup` untimed ones (the fused paths compile during the warmup). FLOPs from each "
+        "method's count (features included); cos_vs_full: output cosine vs exact attention "
+        f"on random Q/K/V. Total wall time {time.perf_counter() - started:.0f} s.\n\n"
     )
     markdown = header + markdown_from_csv(csv_path)
     (args.out_dir / f"kernel_flops_{device_type}.md").write_text(markdown)
     print(markdown)
-    print(f"total wall time {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

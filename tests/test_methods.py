@@ -31,7 +31,7 @@ from drrl_env.methods.base import (
 
 B, H, HKV, T, N, D = 2, 4, 2, 6, 10, 16
 TOL = dict(rtol=1e-5, atol=1e-6)  # the kernels take the softmax in float32
-BUILTIN = ("full", "gram", "svd", "calibrated", "calibrated-qhead", "topk")
+BUILTIN = ("full", "gram", "svd", "calibrated", "calibrated-qhead", "topk", "topk-block")
 
 
 def structured_qk(seed: int = 0, dtype=torch.float64, decay: float = 0.7, scale: float = 6.0):
@@ -491,3 +491,78 @@ def test_sweep_outputs_equal_each_setting_run_alone(name):
     for setting, output in zip(settings, swept, strict=True):
         alone = method.attend(state, query, key, value, mask, D**-0.5, setting)
         torch.testing.assert_close(output, alone, **TOL)
+
+
+# -- fused FlexAttention paths ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [
+        ("calibrated", Setting(16)),
+        ("calibrated-qhead", Setting(16)),
+        ("gram", Setting(16)),
+        ("topk-block", Setting(16, 0.5)),
+        ("topk-block", Setting(8, 0.25)),
+    ],
+)
+def test_fused_path_agrees_with_the_eager_reference(name, setting):
+    generator = torch.Generator().manual_seed(11)
+    heads, kv_heads, queries, keys, dim = 4, 2, 128, 256, 64
+    query = torch.randn(1, heads, queries, dim, generator=generator)
+    key = torch.randn(1, kv_heads, keys, dim, generator=generator)
+    value = torch.randn(1, kv_heads, keys, dim, generator=generator)
+    causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    mask = torch.zeros(1, 1, queries, keys).masked_fill(~causal, torch.finfo(torch.float32).min)
+    cls = method_class(name)
+    kwargs = {}
+    if cls.needs_basis:
+        bases = kv_heads if cls.scope == "kv_head" else heads
+        kwargs["basis"] = torch.linalg.qr(torch.randn(1, bases, dim, dim, generator=generator)).Q
+    method = make_method(name, dim, 1, **kwargs)
+    assert method.has_fused
+    state = method.new_state(0)
+    method.observe(state, query, key)
+    fused = method.fused(state, query, key, value, mask, dim**-0.5, setting)
+    reference = method.reference(state, query, key, value, mask, dim**-0.5, setting)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    exact = method.fused(state, query, key, value, mask, dim**-0.5, Setting(dim))
+    torch.testing.assert_close(exact, full_attention(query, key, value, mask, dim**-0.5), **TOL)
+
+
+def test_methods_without_a_fused_path_say_so():
+    with pytest.raises(NotImplementedError, match="svd"):
+        build("svd").fused({}, None, None, None, None, 1.0, Setting(4))
+
+
+def test_topk_block_keeps_whole_blocks_and_always_the_diagonal():
+    generator = torch.Generator().manual_seed(12)
+    query = torch.randn(1, H, 8, D, generator=generator, dtype=torch.float64)
+    key = torch.randn(1, HKV, 12, D, generator=generator, dtype=torch.float64)
+    method = make_method("topk-block", D, 1, basis=random_basis(HKV, 3), block=2, min_keys=2)
+    state = method.new_state(0)
+    method.observe(state, query, key)
+    kept, indices = method.select_blocks(state, query, Setting(4, 0.5))
+    visible = (12 - 8) // 2 + np.arange(1, 5)  # [3, 4, 5, 6] key blocks per query block
+    np.testing.assert_array_equal(kept[0, 0].numpy(), [2, 2, 3, 3])
+    for q_block in range(4):
+        chosen = indices[0, :, q_block, : kept[0, 0, q_block]]  # (H, k)
+        assert (chosen == visible[q_block] - 1).any(dim=-1).all()  # the diagonal block
+        assert (chosen < visible[q_block]).all()  # never a block wholly in the future
+    with pytest.raises(ValueError, match="multiples of block=2"):
+        method.select_blocks(state, query[:, :, :7], Setting(4, 0.5))
+
+
+def test_topk_block_hand_count():
+    # T=4, N=6, block 2: query blocks see 2 and 3 key blocks; keep 0.5 -> 1 and 2 kept.
+    shape = CallShape(4, 6, 8, 2, 1, new_keys=4)
+    method = make_method("topk-block", 8, 1, block=2, min_keys=2)
+    pairs = (1 + 2) * 2 * 2
+    assert method.flops(shape, Setting(2, 0.5)) == FlopsBreakdown(
+        features=1 * (2 * 4 * 8 * 8 + 2 * 4 * 8),
+        projections=2 * (2 * 4 * 8 * 2),
+        scores=2 * (2 * 4 * 6 * 2 + 2 * pairs * 8),
+        selection=2 * 4 * 6,
+        softmax=2 * 5 * pairs,
+        output=2 * 2 * pairs * 8,
+    )

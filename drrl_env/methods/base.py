@@ -309,6 +309,26 @@ class AttentionMethod:
             return exact_attention(query, key, value, mask, scaling)
         return self.reference(state, query, key, value, mask, scaling, setting)
 
+    has_fused: ClassVar[bool] = False
+    """Whether :meth:`fused` has a FlexAttention path."""
+
+    def fused(
+        self,
+        state: dict[str, Any],
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        setting: Setting,
+    ) -> torch.Tensor:
+        """The setting through a fused FlexAttention kernel (one causal sequence).
+
+        Raises:
+            NotImplementedError: The method has no fused path.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no fused path")
+
     def sweep_outputs(
         self,
         state: dict[str, Any],

@@ -120,6 +120,23 @@ class CalibratedMethod(AttentionMethod):
             query_proj, key_proj, repeat_kv(value, groups), mask, scaling
         )
 
+    has_fused = True
+
+    def fused(self, state, query, key, value, mask, scaling, setting) -> torch.Tensor:
+        """Scores at rank r and ``A V`` at d in one FlexAttention kernel (causal)."""
+        from drrl_env.methods.fused import fused_scores_attention
+
+        if setting.is_exact(self.head_dim):
+            return self.attend(state, query, key, value, mask, scaling, setting)
+        basis = self._layer_basis(state["layer"], query)[..., : setting.rank]  # (Hb, d, r)
+        keys = state["rotated_keys"][..., : setting.rank]  # (B, Hb, N, r): kv heads stay shared
+        if self.scope == "kv_head":
+            basis = basis.repeat_interleave(query.shape[1] // basis.shape[0], dim=0)
+            values = value
+        else:
+            values = repeat_kv(value, query.shape[1] // key.shape[1])
+        return fused_scores_attention(torch.matmul(query, basis), keys, values, scaling)
+
     def _bases(self, shape: CallShape) -> int:
         return shape.kv_heads if self.scope == "kv_head" else shape.heads
 

@@ -65,6 +65,20 @@ class GramMethod(AttentionMethod):
             query_proj, key_proj, repeat_kv(value, groups), mask, scaling
         )
 
+    has_fused = True
+
+    def fused(self, state, query, key, value, mask, scaling, setting) -> torch.Tensor:
+        """Scores at rank r and ``A V`` at d in one FlexAttention kernel (causal)."""
+        from drrl_env.methods.fused import fused_scores_attention
+
+        if setting.is_exact(self.head_dim):
+            return self.attend(state, query, key, value, mask, scaling, setting)
+        groups = query.shape[1] // key.shape[1]
+        basis = state["vectors"][..., : setting.rank]  # (B, H, d, r)
+        query_proj = torch.matmul(query, basis)  # (B, H, T, r)
+        key_proj = torch.matmul(repeat_kv(key, groups), basis)  # (B, H, N, r)
+        return fused_scores_attention(query_proj, key_proj, repeat_kv(value, groups), scaling)
+
     def feature_flops(self, shape: CallShape) -> FlopsBreakdown:
         d, t = shape.head_dim, shape.queries
         per_query_head = 2 * t * d * d + d * d + eigh_flops(d)  # Q^T Q, + K^T K, eigh

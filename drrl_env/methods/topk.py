@@ -52,6 +52,8 @@ class TopKMethod(CalibratedMethod):
     name = "topk"
     description = "rank-r scores select the top keep fraction of keys; exact attention on them"
     uses_keep = True
+    dense_fast_path = False
+    """The kernel the model runs never builds (H, T, N) tensors."""
 
     def __init__(
         self,
@@ -164,15 +166,16 @@ class TopKMethod(CalibratedMethod):
         groups = query.shape[1] // key.shape[1]
         keys, values = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, N, d)
         batch, heads, n_keys, dim = keys.shape
-        flat_keys = keys.reshape(batch * heads, n_keys, dim)
-        flat_values = values.reshape(batch * heads, n_keys, dim)
+        rows_keys = keys.reshape(batch * heads * n_keys, dim)  # one row per (head, key)
+        rows_values = values.reshape(batch * heads * n_keys, dim)
+        offsets = torch.arange(batch * heads, device=query.device).reshape(batch, heads, 1, 1)
         output = torch.empty_like(query)  # (B, H, T, d)
         for start, stop, indices, valid in self.select(state, query, mask, setting):
             chunk, k_max = stop - start, indices.shape[-1]
-            index = indices.reshape(batch * heads, chunk * k_max, 1).expand(-1, -1, dim)
+            rows = (indices + offsets * n_keys).reshape(-1)  # (B * H * Tc * k,)
             shape = (batch, heads, chunk, k_max, dim)
-            chosen_keys = torch.gather(flat_keys, 1, index).reshape(shape)  # (B, H, Tc, k, d)
-            chosen_values = torch.gather(flat_values, 1, index).reshape(shape)
+            chosen_keys = rows_keys.index_select(0, rows).reshape(shape)  # (B, H, Tc, k, d)
+            chosen_values = rows_values.index_select(0, rows).reshape(shape)
             scores = torch.einsum("bhtd,bhtkd->bhtk", query[:, :, start:stop], chosen_keys)
             scores = (scores * scaling).masked_fill(~valid, float("-inf"))
             weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
