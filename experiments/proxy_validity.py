@@ -20,31 +20,21 @@ Writes ``schedules.csv`` (one row per window and schedule, appended as each fini
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import pandas as pd
 import torch
 import tyro
 from tqdm import tqdm
 
 import drrl_env  # noqa: F401 (registers the ids)
-from agents.baselines import EnergyThresholdPolicy, GreedyOraclePolicy
-from agents.evaluation import predict_action
+from agents.proxy import PROXIES, cached_proxies, correlations, live_change, schedules
 from agents.reporting import markdown_from_frame
 from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
-from drrl_env.replay import replay
 
-PROXIES = {
-    "cosine": ("sum_one_minus_cosine", "sum over cells of 1 - cosine"),
-    "loss": ("sum_dnll_taylor", "sum over cells of the first-order loss change"),
-    "loss-fisher": ("sum_dnll_fisher", "sum over cells of the second-order loss change"),
-}
-"""Fidelity term -> (column of its predicted damage, what the column sums)."""
 KEY = ("window", "schedule")
 COLUMNS_MD = (
     ("fidelity term", "term", "{}"),
@@ -111,84 +101,6 @@ class Args:
         return kwargs if self.keeps is None else {**kwargs, "keeps": self.keeps}
 
 
-def play(env: gym.Env, policy, window: int) -> np.ndarray:
-    """The executed actions (S, L) of ``policy`` on ``window`` of ``env``."""
-    observation, _ = env.reset(options={"window": window})
-    done, info = False, {}
-    while not done:
-        observation, _, done, _, info = env.step(predict_action(policy, observation, env))
-    return np.asarray(info["episode_summary"]["actions"])
-
-
-def schedules(args: Args, cached: gym.Env, window: int) -> dict[str, np.ndarray]:
-    """Every schedule of one window, by name: static, random, mixture, energy, greedy."""
-    base = cached.unwrapped
-    shape, n_actions = (base.n_segments, base.n_layers), len(base.actions)
-    rng = np.random.default_rng([args.seed, window])
-    plan = {f"static_{s.label()}": np.full(shape, i) for i, s in enumerate(base.actions.settings)}
-    for k in range(args.random):
-        plan[f"random_{k}"] = rng.integers(0, n_actions, size=shape)
-    for k in range(args.mixtures):
-        first, second = rng.choice(n_actions, size=2, replace=False)
-        share = rng.uniform(0.2, 0.8)
-        plan[f"mixture_{k}"] = np.where(rng.random(shape) < share, first, second)
-    for tau in args.energy_taus:
-        plan[f"energy_{tau:g}"] = play(cached, EnergyThresholdPolicy(cached, tau), window)
-    for term in PROXIES:
-        for beta in args.greedy_betas:
-            env = gym.make(args.env_id, **args.env_kwargs(), fidelity=term, beta=beta, gamma=0.0)
-            plan[f"greedy_{term}_beta{beta:g}"] = play(env, GreedyOraclePolicy(env), window)
-    return plan
-
-
-def cached_proxies(cached: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
-    """Each term's predicted damage of a schedule, from the cached (teacher-forced) cells."""
-    shard = cached.unwrapped.backend.cache.store.read_shard(window)
-    index = np.asarray(actions)[..., None]  # (S, L, 1)
-
-    def total(name: str) -> float:
-        return float(np.take_along_axis(np.asarray(shard[name]), index, -1).sum())
-
-    steps = actions.size
-    return {
-        "sum_one_minus_cosine": steps - total("cosine"),
-        "sum_dnll_taylor": total("dnll_taylor"),
-        "sum_dnll_fisher": total("dnll_fisher"),
-    }
-
-
-def live_change(live: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
-    """The live episode of a schedule: perplexities and the change of log-perplexity."""
-    result = replay(live.unwrapped, window, actions)
-    perplexity, full = result.summary["perplexity"], result.summary["perplexity_full"]
-    flops = result.summary["flops_ratio"]
-    return {
-        "perplexity": perplexity,
-        "perplexity_full": full,
-        "delta_log_ppl": math.log(perplexity / full),
-        "flops_ratio": flops,
-    }
-
-
-def correlations(rows: pd.DataFrame) -> pd.DataFrame:
-    """Spearman and Pearson correlation of each term's predicted damage with the live one."""
-    table = []
-    for term, (column, _) in PROXIES.items():
-        # Spearman's rho: Pearson's r of the ranks (ties share their average rank)
-        rho = rows[column].rank().corr(rows["delta_log_ppl"].rank())
-        r = rows[column].corr(rows["delta_log_ppl"], method="pearson")
-        table.append(
-            {
-                "term": term,
-                "proxy": column,
-                "spearman": rho,
-                "pearson": r,
-                "schedules": len(rows),
-            }
-        )
-    return pd.DataFrame(table).sort_values("spearman", ascending=False, ignore_index=True)
-
-
 def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
     """One panel per term: predicted damage (cached) vs live change of log-perplexity."""
     import matplotlib
@@ -231,7 +143,18 @@ def main(args: Args) -> Path:
     log = RowLog(folder.path / "schedules.csv", KEY)
     done = log.keys()  # (window, schedule) as the strings the file holds
     windows = range(cached.unwrapped.backend.n_windows)
-    plans = {window: schedules(args, cached, window) for window in windows}
+    plans = {
+        window: schedules(
+            cached,
+            window,
+            args.random,
+            args.mixtures,
+            args.energy_taus,
+            args.greedy_betas,
+            args.seed,
+        )
+        for window in windows
+    }
     todo = [
         (window, name)
         for window, plan in plans.items()
