@@ -49,22 +49,25 @@ from agents.runs import (
 from drrl_env.data import load_windows
 from drrl_env.lm.models import LoadedModel, load_model
 from drrl_env.lm.runner import WindowResult, run_window
+from drrl_env.methods import make_method, method_class, method_names
+from drrl_env.methods.base import CallShape
 
 COLUMNS = (
     "method",
     "rank",
+    "keep",
     "perplexity",
     "ppl_vs_full",
     "fidelity_mean",
     "fidelity_min_layer",
     "flops_ratio",
+    "flops_vs_causal",
     "n_windows",
     "n_predicted",
     "wall_s",
 )
-KEY = ("method", "rank")
+KEY = ("method", "rank", "keep")
 """Columns of ``table.csv`` that identify one configuration."""
-METHODS = ("svd", "gram", "calibrated")
 NOT_RESULTS = ("out_dir", "overwrite", "resume")
 """Arguments a resumed run may change."""
 
@@ -81,14 +84,16 @@ class Args:
     """Number of eval windows (the first ones of ``split="eval"``)."""
     segment_length: int = 1024
     """Tokens per segment; equal to ``seq_len`` means one single pass per window."""
-    methods: tuple[str, ...] = ("svd", "gram", "calibrated")
-    """Low-rank methods to run (``svd``, ``gram``, ``calibrated``)."""
+    methods: tuple[str, ...] = ("svd", "gram", "calibrated", "calibrated-qhead", "topk")
+    """Methods to run (names of ``drrl_env.methods``)."""
     ranks: tuple[int, ...] = (16, 24, 32, 48, 64)
-    """Ranks, each applied at every layer."""
+    """Ranks of the dense methods, each applied at every layer."""
+    sparse_ranks: tuple[int, ...] = (16, 32, 64)
+    """Selection ranks of the sparse methods (``topk``, ``topk-block``)."""
+    keeps: tuple[float, ...] = (0.5, 0.25, 0.125)
+    """Keep fractions of the sparse methods (each with every sparse rank)."""
     calibration_windows: int = 4
     """Number of ``split="train"`` windows the calibrated bases are estimated on."""
-    basis_path: Path | None = None
-    """Optional calibrated-basis file: loaded when it exists, else written after calibrating."""
     out_dir: Path = Path("results/uniform_rank")
     """Where table.csv, table.md and config.json are written."""
     overwrite: bool = False
@@ -99,12 +104,16 @@ class Args:
     """Torch device (cuda when present, else cpu)."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
-            raise ArgumentError(f"methods: {unknown} not among {', '.join(METHODS)}")
+            raise ArgumentError(f"methods: {unknown} not among {', '.join(method_names())}")
+        for keep in self.keeps:
+            if not 0 < keep <= 1:
+                raise ArgumentError(f"keeps: {keep!r} is outside (0, 1]")
         check_unique("methods", self.methods)
         check_unique("ranks", self.ranks)
-        for rank in self.ranks:
+        check_unique("keeps", self.keeps)
+        for rank in (*self.ranks, *self.sparse_ranks):
             if rank < 1:
                 raise ArgumentError(f"ranks: {rank} is not a rank (>= 1)")
         for name in ("seq_len", "segment_length", "n_windows", "calibration_windows"):
@@ -114,6 +123,16 @@ class Args:
             raise ArgumentError("overwrite and resume exclude each other")
         check_device(self.device)
 
+    def jobs(self) -> list[tuple[str, int, float]]:
+        """``(method, rank, keep)`` of every row but the full-rank one, in table order."""
+        jobs = []
+        for method in self.methods:
+            if method_class(method).uses_keep:
+                jobs += [(method, r, k) for r in self.sparse_ranks for k in self.keeps]
+            else:
+                jobs += [(method, r, 1.0) for r in self.ranks]
+        return jobs
+
 
 @dataclass(frozen=True)
 class Row:
@@ -121,11 +140,13 @@ class Row:
 
     method: str
     rank: int
+    keep: float
     perplexity: float
     ppl_vs_full: float
     fidelity_mean: float
     fidelity_min_layer: float
     flops_ratio: float
+    flops_vs_causal: float
     n_windows: int
     n_predicted: int
     wall_s: float
@@ -135,19 +156,37 @@ def run_windows(
     lm: LoadedModel,
     windows: np.ndarray,
     segment_length: int,
-    method: str,
+    method,
     rank: int | None,
-    basis: torch.Tensor | None = None,
+    keep: float = 1.0,
 ) -> list[WindowResult]:
-    """Run every window (rows of ``windows``) with ``rank`` at every layer (None: full rank)."""
+    """Run every window (rows of ``windows``) with ``rank`` at every layer (None: exact)."""
     with torch.inference_mode():
         return [
-            run_window(lm, tokens, segment_length, method, rank, basis=basis) for tokens in windows
+            run_window(lm, tokens, segment_length, method, rank, keep=keep) for tokens in windows
         ]
 
 
+def causal_exact_flops(lm: LoadedModel, result: WindowResult) -> float:
+    """FLOPs of exact attention that skips masked scores (a flash-style kernel), one window."""
+    total, start = 0.0, 0
+    for _ in range(result.ranks.shape[0]):
+        queries = min(result.segment_length, result.n_predicted + 1 - start)
+        shape = CallShape(queries, start + queries, lm.head_dim, lm.n_heads, lm.n_kv_heads)
+        per_head = int(shape.causal_keys().sum()) * (4 * lm.head_dim + 5)
+        total += per_head * lm.n_heads * lm.n_layers
+        start += queries
+    return total
+
+
 def aggregate(
-    method: str, rank: int, results: list[WindowResult], wall_s: float, full_ppl: float | None
+    lm: LoadedModel,
+    method: str,
+    rank: int,
+    keep: float,
+    results: list[WindowResult],
+    wall_s: float,
+    full_ppl: float | None,
 ) -> Row:
     """Pool the windows of one configuration into a table row."""
     nll = sum(r.nll_sum for r in results)
@@ -157,28 +196,28 @@ def aggregate(
     per_layer = fidelity.mean(axis=(0, 1))  # (L,)
     flops = sum(float(r.flops.sum()) for r in results)
     flops_full = sum(float(r.flops_full.sum()) for r in results)
+    causal = sum(causal_exact_flops(lm, r) for r in results)
     return Row(
         method=method,
         rank=rank,
+        keep=keep,
         perplexity=perplexity,
         ppl_vs_full=(perplexity / full_ppl - 1.0) if full_ppl else 0.0,
         fidelity_mean=float(fidelity.mean()),
         fidelity_min_layer=float(per_layer.min()),
         flops_ratio=flops / flops_full,
+        flops_vs_causal=flops / causal,
         n_windows=len(results),
         n_predicted=predicted,
         wall_s=wall_s,
     )
 
 
-def calibrated_basis(args: Args, lm: LoadedModel) -> tuple[torch.Tensor, dict]:
-    """Calibrated bases (L, H, d, d) from ``train`` windows, or from ``args.basis_path``."""
-    from drrl_env.lm.calibration import calibrate_basis, load_basis, save_basis
+def calibrated_bases(args: Args, lm: LoadedModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """Calibrated bases of each scope the methods need, from ``train`` windows."""
+    from drrl_env.lm.calibration import calibrate_basis
 
-    shape = (lm.n_layers, lm.n_heads, lm.head_dim, lm.head_dim)
-    if args.basis_path is not None and args.basis_path.is_file():
-        basis = load_basis(args.basis_path, expected_model=lm.name, expected_shape=shape)
-        return basis, {"source": "file", "path": str(args.basis_path)}
+    scopes = {method_class(m).scope for m in args.methods if method_class(m).needs_basis}
     train = load_windows(
         lm.tokenizer, args.seq_len, split="train", max_windows=args.calibration_windows
     )
@@ -189,14 +228,16 @@ def calibrated_basis(args: Args, lm: LoadedModel) -> tuple[torch.Tensor, dict]:
         "n_windows": len(train),
         "seq_len": train.seq_len,
         "segment_length": args.segment_length,
+        "scopes": sorted(scopes),
     }
     started = time.perf_counter()
     with torch.inference_mode():
-        basis = calibrate_basis(lm, train.tokens, args.segment_length)
+        bases = {
+            scope: calibrate_basis(lm, train.tokens, args.segment_length, scope=scope)
+            for scope in sorted(scopes)
+        }
     info["wall_s"] = time.perf_counter() - started
-    if args.basis_path is not None:
-        save_basis(args.basis_path, basis, lm.name, metadata=info)
-    return basis, info
+    return bases, info
 
 
 def _format(column: str, value: str) -> str:
@@ -204,8 +245,10 @@ def _format(column: str, value: str) -> str:
         return f"{float(value):.2f}"
     if column == "ppl_vs_full":
         return f"{100 * float(value):+.1f} %"
-    if column in ("fidelity_mean", "fidelity_min_layer", "flops_ratio"):
+    if column in ("fidelity_mean", "fidelity_min_layer", "flops_ratio", "flops_vs_causal"):
         return f"{float(value):.3f}"
+    if column == "keep":
+        return f"{float(value):g}"
     if column == "wall_s":
         return f"{float(value):.1f}"
     return value
@@ -230,8 +273,11 @@ def markdown_from_csv(csv_path: Path, head_dim: int | None = None) -> str:
     if head_dim is not None:
         lines += [
             "",
-            f"Rank {head_dim} (= head dim) runs full attention for every method: "
-            "those rows repeat the `full` run.",
+            f"Rank {head_dim} (= head dim) at keep 1 runs exact attention for every method: "
+            "those rows repeat the `full` run. `flops_ratio` is executed over exact attention "
+            "FLOPs counted densely (every score, as the eager kernels compute them); "
+            "`flops_vs_causal` over exact attention that skips the masked scores (a "
+            "flash-style kernel).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -250,6 +296,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
 def row_from_record(record: dict) -> Row:
     """A :class:`Row` read back from ``table.csv``."""
     kinds = {"method": str, "rank": int, "n_windows": int, "n_predicted": int}
+    record = {**record, "keep": record.get("keep", 1.0)}
     return Row(**{name: kinds.get(name, float)(record[name]) for name in COLUMNS})
 
 
@@ -261,7 +308,7 @@ def main(args: Args) -> Path:
     folder.check(asdict(args))  # before loading anything
     started = time.perf_counter()
     lm = load_model(args.model, device=args.device)
-    too_large = [rank for rank in args.ranks if rank > lm.head_dim]
+    too_large = [rank for rank in (*args.ranks, *args.sparse_ranks) if rank > lm.head_dim]
     if too_large:
         raise ArgumentError(f"ranks: {too_large} exceed the head dim {lm.head_dim} of {lm.name}")
     windows = load_windows(lm.tokenizer, args.seq_len, split="eval", max_windows=args.n_windows)
@@ -272,8 +319,8 @@ def main(args: Args) -> Path:
     folder.prepare(asdict(args), model=model_info(lm))
     eval_info = {"corpus": windows.corpus, "split": windows.split, "n_windows": len(windows)}
     log = RowLog(args.out_dir / "table.csv", KEY)
-    keys = [{"method": "full", "rank": lm.head_dim}]
-    keys += [{"method": m, "rank": r} for m in args.methods for r in args.ranks]
+    keys = [{"method": "full", "rank": lm.head_dim, "keep": 1.0}]
+    keys += [{"method": m, "rank": r, "keep": k} for m, r, k in args.jobs()]
     log.retain(log.keys() & {log.key_of(key) for key in keys})
     if folder.resuming:
         print(f"resuming {args.out_dir}: {len(log.keys())} of {len(keys)} rows finished")
@@ -314,34 +361,39 @@ def run_rows(
     """Measure each row ``log`` does not hold yet and append it at once."""
     records = {log.key_of(r): r for r in log.read().to_dict("records")}
 
-    def finished(method: str, rank: int) -> Row | None:
-        record = records.get(log.key_of({"method": method, "rank": rank}))
+    def finished(method: str, rank: int, keep: float) -> Row | None:
+        record = records.get(log.key_of({"method": method, "rank": rank, "keep": keep}))
         return None if record is None else row_from_record(record)
 
-    full = finished("full", lm.head_dim)
+    full = finished("full", lm.head_dim, 1.0)
     if full is None:
         t0 = time.perf_counter()
         results = run_windows(lm, tokens, args.segment_length, "full", None)
-        full = aggregate("full", lm.head_dim, results, time.perf_counter() - t0, None)
+        full = aggregate(lm, "full", lm.head_dim, 1.0, results, time.perf_counter() - t0, None)
         log.append([asdict(full)])
-    jobs = [(m, r) for m in args.methods for r in args.ranks]
-    basis = None
-    if any(m == "calibrated" and r != lm.head_dim and finished(m, r) is None for m, r in jobs):
-        basis, basis_info = calibrated_basis(args, lm)
+    jobs = args.jobs()
+    todo = [(m, r, k) for m, r, k in jobs if finished(m, r, k) is None]
+    bases: dict[str, torch.Tensor] = {}
+    if any(method_class(m).needs_basis and not (r == lm.head_dim and k >= 1) for m, r, k in todo):
+        bases, basis_info = calibrated_bases(args, lm)
         folder.update_config(calibration=basis_info)
-    for method, rank in tqdm(jobs, desc="method x rank"):
-        row = finished(method, rank)
-        if row is None and rank == lm.head_dim:  # full attention for every method
+    for method, rank, keep in tqdm(jobs, desc="method x setting"):
+        row = finished(method, rank, keep)
+        if row is None and rank == lm.head_dim and keep >= 1:  # exact attention, every method
             row = Row(**{**asdict(full), "method": method})
             log.append([asdict(row)])
         elif row is None:
             t0 = time.perf_counter()
-            method_basis = basis if method == "calibrated" else None
-            results = run_windows(lm, tokens, args.segment_length, method, rank, method_basis)
-            row = aggregate(method, rank, results, time.perf_counter() - t0, full.perplexity)
+            cls = method_class(method)
+            kwargs = {"basis": bases[cls.scope]} if cls.needs_basis else {}
+            attention = make_method(method, lm.head_dim, lm.n_layers, **kwargs)
+            results = run_windows(lm, tokens, args.segment_length, attention, rank, keep)
+            row = aggregate(
+                lm, method, rank, keep, results, time.perf_counter() - t0, full.perplexity
+            )
             log.append([asdict(row)])
             tqdm.write(
-                f"{method:>10} r={rank:<3} ppl={row.perplexity:8.2f} "
+                f"{method:>16} r={rank:<3} keep={keep:<5g} ppl={row.perplexity:8.2f} "
                 f"fid={row.fidelity_mean:.3f} flops={row.flops_ratio:.3f}"
             )
 

@@ -296,14 +296,24 @@ UNIFORM = [
     "64",
     "--n-windows",
     "1",
+    "--methods",
+    "svd",
+    "gram",
+    "calibrated",
+    "topk",
     "--ranks",
     "16",
     "64",
+    "--sparse-ranks",
+    "16",
+    "--keeps",
+    "0.5",
     "--calibration-windows",
     "1",
     "--device",
     "cpu",
 ]
+ROWS = 1 + 3 * 2 + 1  # full, 3 dense methods at 2 ranks, topk at one (rank, keep)
 
 
 def test_uniform_rank_table_outputs(tmp_path, cache):
@@ -311,13 +321,18 @@ def test_uniform_rank_table_outputs(tmp_path, cache):
     run_script("experiments/uniform_rank_table.py", [*UNIFORM, "--out-dir", str(tmp_path)], cache)
     table = pd.read_csv(tmp_path / "table.csv")
     assert list(table.columns) == list(script.COLUMNS)
-    assert len(table) == 1 + 3 * 2
+    assert len(table) == ROWS
     assert (table.loc[table["rank"] == 64, "ppl_vs_full"] == 0).all()
+    topk = table[table["method"] == "topk"].iloc[0]
+    assert topk["keep"] == 0.5  # at 128 tokens it keeps every key: min_keys is 64
+    # Exact attention skipping masked scores executes less than the dense count.
+    assert (table["flops_vs_causal"] > table["flops_ratio"]).all()
     markdown = script.markdown_from_csv(tmp_path / "table.csv", head_dim=64)
     assert (tmp_path / "table.md").read_text() == markdown
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["head_dim"] == 64
     assert config["args"]["ranks"] == [16, 64] and config["calibration"]["n_windows"] == 1
+    assert config["calibration"]["scopes"] == ["kv_head"]
 
 
 def test_uniform_rank_table_refuses_an_earlier_table_and_resumes_it(tmp_path, cache):
@@ -344,7 +359,7 @@ def test_uniform_rank_table_refuses_an_earlier_table_and_resumes_it(tmp_path, ca
 
     (out / "stale.txt").write_text("from an earlier run")
     run_script("experiments/uniform_rank_table.py", [*args, "--overwrite"], cache)
-    assert not (out / "stale.txt").exists() and len(pd.read_csv(out / "table.csv")) == 7
+    assert not (out / "stale.txt").exists() and len(pd.read_csv(out / "table.csv")) == ROWS
 
 
 def test_uniform_rank_table_checks_ranks_before_writing(tmp_path, cache):
@@ -357,7 +372,7 @@ def test_uniform_rank_table_checks_ranks_before_writing(tmp_path, cache):
     bad = [*UNIFORM, "--methods", "gram", "pca", "--out-dir", str(out)]
     done = run_script("experiments/uniform_rank_table.py", bad, cache, check=False)
     assert done.returncode != 0
-    assert "methods: ['pca'] not among svd, gram, calibrated" in done.stderr
+    assert "methods: ['pca'] not among full, gram" in done.stderr
     assert not out.exists()
 
 
