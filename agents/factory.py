@@ -106,7 +106,7 @@ def make_agent(
     check_policy_name(policy)
     env = gym.make(env) if isinstance(env, str) else env
     check_env_for(algo, env)
-    params, extra = with_overrides(default_hyperparams(algo), hyperparams)
+    params, extra = with_overrides(default_hyperparams(algo, is_budgeted(env)), hyperparams)
     _check_extra_hyperparams(algo, extra)
     model = algo_class(
         "MlpPolicy",
@@ -123,6 +123,23 @@ def make_agent(
     setattr(model, POLICY_ATTRIBUTE, policy)
     setattr(model, SIGNATURE_ATTRIBUTE, env_signature(env))
     return model
+
+
+def is_budgeted(env: gym.Env | VecEnv) -> bool:
+    """Whether ``env`` (or the first copy of a VecEnv) has a FLOPs budget."""
+    if isinstance(env, VecEnv):
+        configs = env.get_attr("config", indices=[0]) if _has_attr(env, "config") else [None]
+        config = configs[0]
+    else:
+        config = getattr(env.unwrapped, "config", None)
+    return getattr(config, "budget", None) is not None
+
+
+def _has_attr(env: VecEnv, name: str) -> bool:
+    try:
+        return bool(env.has_attr(name))
+    except (AttributeError, NotImplementedError):
+        return False
 
 
 def save_agent(model: BaseAlgorithm, path: str | Path, env: gym.Env | VecEnv | None = None) -> Path:

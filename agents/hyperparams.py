@@ -30,6 +30,18 @@ from typing import Any
 DISCOUNT = 0.5
 """Default discount factor ``gamma`` of every algorithm (see the module docstring)."""
 
+BUDGET_DISCOUNT = 0.99
+"""Discount factor of every algorithm on a budgeted env (``budget=``).
+
+A budget makes the problem sequential: the action wall lets a step spend only what the
+steps after it will not need, so the value of an action depends on the whole rest of the
+episode (segments x layers steps, 120 on the SmolLM2 ids). A short horizon (0.5 looks about
+two steps ahead) would spend the budget greedily early and leave the late segments, whose
+calls see the most keys and cost the most, to the wall. With the FLOPs and perturbation
+terms gone (the reward is the fidelity term alone) the noise that made 0.99 collapse on
+unbudgeted envs is gone too: every step's reward is a measured fidelity, not a small
+difference of large terms."""
+
 
 @dataclass(frozen=True)
 class PPOParams:
@@ -133,15 +145,20 @@ def field_names(params_class: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(params_class))
 
 
-def default_hyperparams(algo: str) -> Any:
+def default_hyperparams(algo: str, budgeted: bool = False) -> Any:
     """The default hyperparameters of ``algo`` (one of :data:`ALGO_PARAMS`).
+
+    Args:
+        algo: The algorithm.
+        budgeted: For a budgeted env: the discount is :data:`BUDGET_DISCOUNT`.
 
     Raises:
         ValueError: ``algo`` is unknown; the message lists the valid names.
     """
     if algo not in ALGO_PARAMS:
         raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGO_PARAMS)}")
-    return ALGO_PARAMS[algo]()
+    params = ALGO_PARAMS[algo]()
+    return replace(params, gamma=BUDGET_DISCOUNT) if budgeted else params
 
 
 def with_overrides(params: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

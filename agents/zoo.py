@@ -111,7 +111,8 @@ def zoo_entry(algo: str, env_id: str, policy: str = "mlp") -> dict[str, Any]:
         ValueError: Unknown algorithm, policy or env id.
     """
     _check_zoo_algo(algo)
-    defaults = json.loads(json.dumps(asdict(default_hyperparams(ZOO_ALGOS[algo]))))
+    budgeted = ENV_IDS.get(env_id, {}).get("budget") is not None
+    defaults = json.loads(json.dumps(asdict(default_hyperparams(ZOO_ALGOS[algo], budgeted))))
     return {
         "n_timesteps": training_timesteps(env_id),
         "policy": POLICY_CLASS,

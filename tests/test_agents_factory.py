@@ -271,3 +271,19 @@ def test_signature_differences_compare_every_key():
         "reward: missing from the agent's, the env's 'fidelity'",
     ]
     assert signature_differences(saved, dict(saved)) == []
+
+
+def test_budgeted_envs_get_the_sequential_discount(tmp_path):
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agents.hyperparams import BUDGET_DISCOUNT, DISCOUNT
+
+    budget = gym.make("DRRL-Tiny-Budget-v0", cache_dir=str(tmp_path), max_windows=1)
+    plain = gym.make("DRRL-Tiny-TopK-v0", cache_dir=str(tmp_path), max_windows=1)
+    assert make_agent("ppo", budget).gamma == BUDGET_DISCOUNT == 0.99
+    assert make_agent("dqn", plain).gamma == DISCOUNT == 0.5
+    vector = make_vec_env(
+        "DRRL-Tiny-Budget-v0", n_envs=1, env_kwargs={"cache_dir": str(tmp_path), "max_windows": 1}
+    )
+    assert make_agent("maskable_ppo", vector).gamma == BUDGET_DISCOUNT
+    assert make_agent("ppo", budget, gamma=0.9).gamma == 0.9  # an override still wins

@@ -26,7 +26,7 @@ from agents.factory import (
     default_policy_kwargs,
     env_rank_fractions,
 )
-from agents.hyperparams import DISCOUNT, default_hyperparams
+from agents.hyperparams import BUDGET_DISCOUNT, DISCOUNT, default_hyperparams
 from agents.transformer_policy import default_rank_fractions
 from agents.zoo import (
     DEFAULT_TIMESTEPS,
@@ -79,10 +79,11 @@ def test_yaml_values_equal_the_dataclass_defaults(algo, policy):
     content = yaml.safe_load((SHIPPED / file_name(algo, policy)).read_text(encoding="utf-8"))
     assert list(content) == zoo_env_ids(policy)
     assert "DRRL-Tiny-v0" in content and "DRRL-Wikitext-v0" in content
-    defaults = asdict(default_hyperparams(ZOO_ALGOS[algo]))
     for env_id, entry in content.items():
+        budgeted = ENV_IDS.get(env_id, {}).get("budget") is not None
+        defaults = asdict(default_hyperparams(ZOO_ALGOS[algo], budgeted))
         assert {k: v for k, v in entry.items() if k not in META_KEYS} == defaults, env_id
-        assert entry["gamma"] == DISCOUNT
+        assert entry["gamma"] == (BUDGET_DISCOUNT if budgeted else DISCOUNT)
         assert entry["policy"] == "MlpPolicy"
         assert rl_zoo3.utils.get_class_by_name(entry["callback"]) is EnvSignatureCallback
         assert entry["n_timesteps"] == training_timesteps(env_id)
