@@ -391,3 +391,13 @@ def test_reward_landscape_outputs(tmp_path, cache):
     assert len(script.to_markdown(table).splitlines()) == len(table) + 2
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["env"]["model"] == "tiny-llama"
+
+
+def test_replay_tolerance_measures_the_spread_across_thread_counts(tmp_path, cache):
+    args = ["--env-ids", "DRRL-Tiny-Live-v0", "--schedules", "1", "--out-dir", str(tmp_path)]
+    run_script("experiments/replay_tolerance.py", args, cache)
+    table = pd.read_csv(tmp_path / "spread.csv")
+    assert list(table["schedule"]) == ["exact", "random_1"]
+    assert (table["threads"] == "1 vs 2").all() and table["within"].dtype == bool
+    assert (table["reward_max_rel"] >= 0).all() and (table["perplexity_rel"] < 1e-3).all()
+    assert "Every spread within the tolerances" in (tmp_path / "spread.md").read_text()
