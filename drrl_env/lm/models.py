@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from drrl_env.hub import bounded_hub_timeouts
 from drrl_env.lm.attention import ATTENTION_NAME
 from drrl_env.paths import cache_dir as default_cache_dir
 
@@ -234,14 +235,16 @@ def _load_pretrained(name: str, attn_implementation: str) -> LoadedModel:
                 f"{TINY_MODELS}, a local folder saved with save_pretrained, or download it first "
                 "on a machine with network access (huggingface-cli download NAME)."
             ) from None
-        config = AutoConfig.from_pretrained(source)
+        with bounded_hub_timeouts():  # every request of the download bounded in time
+            config = AutoConfig.from_pretrained(source)
         local_only = False
     if not getattr(config, "is_decoder", True) and "CausalLM" not in str(config.architectures):
         raise ValueError(f"model={name!r} is not a causal language model")
-    model = AutoModelForCausalLM.from_pretrained(
-        source, attn_implementation=attn_implementation, local_files_only=local_only
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    with bounded_hub_timeouts():
+        model = AutoModelForCausalLM.from_pretrained(
+            source, attn_implementation=attn_implementation, local_files_only=local_only
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     return LoadedModel(name, model, tokenizer)
 
 
