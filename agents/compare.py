@@ -72,8 +72,8 @@ FORWARDED_ENV = ("DRRL_CACHE_DIR", "DRRL_DATA_DIR")
 class Args:
     env_id: str = "DRRL-Wikitext-v0"
     """Registered environment id (its model, data and segments)."""
-    methods: tuple[str, ...] = ("gram", "svd")
-    """Low-rank methods compared (each gets its own table)."""
+    methods: tuple[str, ...] = ("gram", "topk")
+    """Attention methods compared (each gets its own table)."""
     agents: tuple[str, ...] = (
         "ppo:mlp",
         "dqn:mlp",
