@@ -243,7 +243,7 @@ class SchedulePolicy(BaselinePolicy):
     def choose(self, observation: np.ndarray) -> int:
         if self.env.window not in self.actions:
             raise ValueError(f"no schedule for window {self.env.window}")
-        return int(self.actions[self.env.window][self.env._t])
+        return int(self.actions[self.env.window][self.env.step_index])
 
 
 BASELINES: dict[str, type[BaselinePolicy]] = {

@@ -192,7 +192,7 @@ class LagrangianGreedyPolicy(BaselinePolicy):
     def act(self, observation: np.ndarray, mask: np.ndarray | None) -> int:
         values = self.env.candidate_values()
         allowed = self.env.action_masks() if mask is None else mask & self.env.action_masks()
-        segment = self.env._t // self.env.n_layers
+        segment = self.env.step_index // self.env.n_layers
         score = values["fidelity"] - self.price * self.costs[segment]
         return int(np.argmax(np.where(allowed, score, -np.inf)))
 

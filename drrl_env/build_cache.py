@@ -102,7 +102,7 @@ def build_with_ray(cache: RolloutCache, args: Args) -> int:
     """Build the missing windows of ``cache`` as Ray tasks; this process writes each shard."""
     cache.store.check_writable()
     if not cache.store.has_shared():
-        cache._write_shared()
+        cache.write_shared()
     missing = cache.missing()
     config = {k: v for k, v in cache.config.as_dict().items() if k != "cache_dir"}
     tasks = [(config, window, args.threads or 1) for window in missing]

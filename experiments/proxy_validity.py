@@ -101,6 +101,12 @@ class Args:
         return kwargs if self.keeps is None else {**kwargs, "keeps": self.keeps}
 
 
+def smallest_magnitude(values: pd.Series) -> float:
+    """The smallest nonzero |value| (the linear range of a symlog axis), 1 if none."""
+    magnitudes = values.abs()[values != 0]
+    return float(magnitudes.min()) if len(magnitudes) else 1.0
+
+
 def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
     """One panel per term: predicted damage (cached) vs live change of log-perplexity."""
     import matplotlib
@@ -116,8 +122,8 @@ def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
             ax.scatter(part[column], part["delta_log_ppl"], s=14, label=kind, alpha=0.8)
         rho = float(table.loc[table["term"] == term, "spearman"].iloc[0])
         ax.set(xlabel=label, ylabel="live change of log-perplexity", title=f"{term}: ρ = {rho:.3f}")
-        ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xscale("symlog", linthresh=smallest_magnitude(rows[column]))
+        ax.set_yscale("symlog", linthresh=smallest_magnitude(rows["delta_log_ppl"]))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -50,7 +50,7 @@ from drrl_env.data import load_windows
 from drrl_env.lm.models import LoadedModel, load_model
 from drrl_env.lm.runner import WindowResult, run_window
 from drrl_env.methods import make_method, method_class, method_names
-from drrl_env.methods.base import CallShape
+from drrl_env.methods.base import CallShape, Setting
 
 COLUMNS = (
     "method",
@@ -84,7 +84,7 @@ class Args:
     """Number of eval windows (the first ones of ``split="eval"``)."""
     segment_length: int = 1024
     """Tokens per segment; equal to ``seq_len`` means one single pass per window."""
-    methods: tuple[str, ...] = ("svd", "gram", "calibrated", "calibrated-qhead", "topk")
+    methods: tuple[str, ...] = ("svd", "gram", "calibrated", "calibrated-kv", "topk")
     """Methods to run (names of ``drrl_env.methods``)."""
     ranks: tuple[int, ...] = (16, 24, 32, 48, 64)
     """Ranks of the dense methods, each applied at every layer."""
@@ -160,11 +160,14 @@ def run_windows(
     rank: int | None,
     keep: float = 1.0,
 ) -> list[WindowResult]:
-    """Run every window (rows of ``windows``) with ``rank`` at every layer (None: exact)."""
+    """Run every window (rows of ``windows``) with ``rank`` at every layer (None: exact).
+
+    A sparse method's rank comes with its ``keep`` (at the head dim too: exact-score
+    selection is not exact attention).
+    """
+    schedule = rank if rank is None or keep >= 1 else Setting(rank, keep)
     with torch.inference_mode():
-        return [
-            run_window(lm, tokens, segment_length, method, rank, keep=keep) for tokens in windows
-        ]
+        return [run_window(lm, tokens, segment_length, method, schedule) for tokens in windows]
 
 
 def causal_exact_flops(lm: LoadedModel, result: WindowResult) -> float:

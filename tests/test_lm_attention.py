@@ -26,7 +26,7 @@ from drrl_env.methods import make_method, method_class, register_method, unregis
 from drrl_env.methods.base import AttentionMethod, CallShape, Setting, exact_attention
 
 TOL = 1e-5
-CONFIGS = ("plain", "full", "gram", "svd", "calibrated", "calibrated-qhead", "topk")
+CONFIGS = ("plain", "full", "gram", "svd", "calibrated", "calibrated-kv", "topk")
 SMOLLM2_TEXT = (
     "The quick brown fox jumps over the lazy dog while the cat watches from the windowsill. "
     "Low-rank attention keeps only the leading directions of the query and key spaces, and a "

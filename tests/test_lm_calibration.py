@@ -45,8 +45,9 @@ def test_basis_is_orthonormal(tiny_llama, scope):
 
 @pytest.mark.parametrize("scope", ["kv_head", "query_head"])
 def test_basis_diagonalises_the_summed_gram(tiny_llama, monkeypatch, scope):
-    """kv_head: eigenvectors of the sum of K^T K over keys, each counted once (when it enters
-    the cache); query_head: of Q^T Q + K^T K per query head with the keys of its kv head."""
+    """query_head: eigenvectors of Q^T Q + K^T K per query head (each key counted once, when it
+    enters the cache, in its kv head's K^T K); kv_head: of those summed over the kv head's
+    query heads."""
     lm = tiny_llama
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     original = AttentionController.attend
@@ -64,10 +65,13 @@ def test_basis_diagonalises_the_summed_gram(tiny_llama, monkeypatch, scope):
         assert key.shape[2] in (10, 20, 24)  # the KV cache grows within a window
         fresh = key[:, :, -(key.shape[2] - {10: 0, 20: 10, 24: 20}[key.shape[2]]) :]
         key_gram = fresh.transpose(-1, -2) @ fresh  # (1, Hkv, d, d)
+        per_query_head = (query.transpose(-1, -2) @ query + repeat_kv(key_gram, groups))[0]
         if scope == "kv_head":
-            expected[layer] += key_gram[0]
+            expected[layer] += per_query_head.reshape(
+                lm.n_kv_heads, groups, *per_query_head.shape[1:]
+            ).sum(1)
         else:
-            expected[layer] += (query.transpose(-1, -2) @ query + repeat_kv(key_gram, groups))[0]
+            expected[layer] += per_query_head
     rotated = basis.double().transpose(-1, -2) @ expected @ basis.double()
     diagonal = torch.diagonal(rotated, dim1=-2, dim2=-1)  # (L, heads, d)
     off = rotated - torch.diag_embed(diagonal)
@@ -94,7 +98,7 @@ def test_query_head_basis_on_the_window_equals_gram(tiny_llama):
     basis = calibrate_basis(lm, tokens, segment_length=40, progress=False, scope="query_head")
     table = np.full((1, lm.n_layers), lm.head_dim)
     table[0, -1] = rank
-    calibrated = run_window(lm, tokens[0], 40, "calibrated-qhead", table, basis=basis)
+    calibrated = run_window(lm, tokens[0], 40, "calibrated", table, basis=basis)
     gram = run_window(lm, tokens[0], 40, "gram", table)
     assert calibrated.fidelity[0, -1] < 1.0
     assert calibrated.fidelity[0, -1] == pytest.approx(gram.fidelity[0, -1], abs=1e-5)
@@ -103,8 +107,8 @@ def test_query_head_basis_on_the_window_equals_gram(tiny_llama):
 
 def test_calibrated_beats_a_random_basis(tiny_llama, llama_basis):
     lm, tokens, rank = tiny_llama, windows(1, 48, seed=3)[0], 4
-    calibrated = run_window(lm, tokens, 16, "calibrated", rank, basis=llama_basis)
-    random = run_window(lm, tokens, 16, "calibrated", rank, basis=random_basis(lm))
+    calibrated = run_window(lm, tokens, 16, "calibrated-kv", rank, basis=llama_basis)
+    random = run_window(lm, tokens, 16, "calibrated-kv", rank, basis=random_basis(lm))
     assert calibrated.mean_fidelity > random.mean_fidelity
     # The fixed basis costs no basis search.
     gram = run_window(lm, tokens, 16, "gram", rank)

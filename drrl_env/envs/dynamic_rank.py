@@ -27,9 +27,10 @@ class DynamicRankEnv(gym.Env):
     the agent picks the rank ``r`` with which that layer's query-key interaction is
     computed, by the attention ``method`` (a name of :mod:`drrl_env.methods`): ``gram``
     (top eigenvectors of ``Q^T Q + K^T K``, found online), ``svd`` (the DR-RL paper's
-    separate SVDs), ``calibrated`` (a fixed basis per layer and kv head, keys rotated once),
-    ``calibrated-qhead`` (per query head), ``topk`` (rank-r scores select the top ``keep``
-    fraction of each query's keys; exact attention on those), ``full``. Steps run
+    separate SVDs), ``calibrated`` (a fixed basis per layer and query head, keys rotated
+    once), ``calibrated-kv`` (per kv head), ``topk`` (rank-r scores select, for each query,
+    ``keep`` times the segment's keys; exact attention on those), ``topk-block``, ``full``.
+    Steps run
     segment-major, layer-minor: step ``t`` is segment ``t // n_layers``, layer
     ``t % n_layers``.
 
@@ -162,6 +163,11 @@ class DynamicRankEnv(gym.Env):
             self.steps,
         )
         self._t: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The step about to run (segment-major, layer-minor); None before ``reset``."""
+        return self._t
 
     @property
     def ranks(self) -> tuple[int, ...]:

@@ -6,10 +6,12 @@ over the KV cache exactly as :func:`~drrl_env.lm.runner.run_window` does, while 
 per key/value head (each key once, when it enters the cache) and ``Q^T Q`` per query head.
 The eigenvectors, by decreasing eigenvalue, are the fixed bases:
 
-- scope ``kv_head`` (method ``calibrated``, ``topk``): of ``K^T K`` per (layer, kv head), so
-  a key is rotated once for all query heads that read it (Loki's choice);
-- scope ``query_head`` (method ``calibrated-qhead``): of ``Q^T Q + K^T K`` per (layer, query
-  head), with the key Gram of the head's kv head.
+- scope ``query_head`` (method ``calibrated``): of ``Q^T Q + K^T K`` per (layer, query head),
+  with the key Gram of the head's kv head;
+- scope ``kv_head`` (methods ``calibrated-kv``, ``topk``, ``topk-block``): of the sum of
+  those over the query heads of each (layer, kv head), so a key is rotated once for all the
+  query heads that read it. (The keys' Gram alone, Loki's choice, measured far worse for
+  low-rank scores on SmolLM2: README, "Low-rank attention with one rank at every layer".)
 
 ``basis[layer, head, :, :r]`` spans the rank-r subspace. :func:`save_basis` /
 :func:`load_basis` keep a basis on disk with the model it belongs to.
@@ -32,7 +34,7 @@ from drrl_env.lm.runner import forward_segments
 from drrl_env.methods import make_method
 from drrl_env.methods.base import repeat_kv
 
-BASIS_FORMAT = 2
+BASIS_FORMAT = 3
 """Version of the file layout written by :func:`save_basis`."""
 SCOPES = ("kv_head", "query_head")
 
@@ -59,11 +61,12 @@ class GramCollector:
         if missing:
             raise RuntimeError(f"no attention call reached layers {missing} during calibration")
         keys = torch.stack(self.key_grams)  # (L, Hkv, d, d)
-        if scope == "kv_head":
-            grams = keys
+        queries = torch.stack(self.query_grams)  # (L, H, d, d)
+        layers, kv_heads, dim = keys.shape[0], keys.shape[1], keys.shape[-1]
+        groups = queries.shape[1] // kv_heads
+        if scope == "kv_head":  # the query-head Grams of each kv head, summed
+            grams = queries.reshape(layers, kv_heads, groups, dim, dim).sum(2) + groups * keys
         else:
-            queries = torch.stack(self.query_grams)  # (L, H, d, d)
-            groups = queries.shape[1] // keys.shape[1]
             grams = queries + repeat_kv(keys, groups)
         grams = (grams + grams.transpose(-1, -2)) / 2  # exact symmetry for eigh
         _, vectors = torch.linalg.eigh(grams)  # ascending eigenvalues

@@ -6,7 +6,7 @@ validating method names imports neither torch nor the methods' modules::
 
     from drrl_env.methods import make_method, method_names
 
-    method_names()  # ('full', 'gram', 'svd', 'calibrated', 'calibrated-qhead', 'topk', ...)
+    method_names()  # ('full', 'gram', 'svd', 'calibrated', 'calibrated-kv', 'topk', ...)
     method = make_method("gram", head_dim=64, n_layers=30)
 
 Adding a method: write ``my_method.py`` with ``class MyMethod(AttentionMethod)`` (a ``name``,
@@ -79,6 +79,6 @@ register_method("full", "drrl_env.methods.full:FullMethod")
 register_method("gram", "drrl_env.methods.gram:GramMethod")
 register_method("svd", "drrl_env.methods.svd:SVDMethod")
 register_method("calibrated", "drrl_env.methods.calibrated:CalibratedMethod")
-register_method("calibrated-qhead", "drrl_env.methods.calibrated:QueryHeadCalibratedMethod")
+register_method("calibrated-kv", "drrl_env.methods.calibrated:KVHeadCalibratedMethod")
 register_method("topk", "drrl_env.methods.topk:TopKMethod")
 register_method("topk-block", "drrl_env.methods.topk_block:TopKBlockMethod")

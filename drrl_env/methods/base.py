@@ -224,6 +224,8 @@ class AttentionMethod:
     """Whether ``Setting.keep < 1`` means something (sparse methods)."""
     needs_basis: ClassVar[bool] = False
     """Whether the method needs calibrated bases (see :meth:`basis_spec`)."""
+    version: ClassVar[int] = 1
+    """Revision of what the method computes; caches of its results are keyed on it."""
 
     def __init__(self, head_dim: int, n_layers: int) -> None:
         self.head_dim = int(head_dim)
@@ -379,12 +381,24 @@ class AttentionMethod:
         return {}
 
 
+def check_option(name: str, value: object) -> int:
+    """A method option that must be an int >= 1 (ValueError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def ceil_div(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ints."""
     return -(-a // b)
 
 
-def kept_keys(causal: np.ndarray, keep: float, min_keys: int) -> np.ndarray:
-    """Keys each query attends exactly: ``min(n_i, max(min_keys, ceil(keep * n_i)))``."""
-    wanted = np.maximum(min_keys, np.ceil(keep * causal - 1e-9).astype(np.int64))
+def kept_keys(causal: np.ndarray, keep: float, min_keys: int, window: int | None = None):
+    """Keys each query attends exactly, ``min(n_i, max(min_keys, ceil(keep * m)))``.
+
+    ``m`` is ``window`` (the keys the whole segment sees) when given, else the query's own
+    ``n_i`` causal keys.
+    """
+    base = causal if window is None else np.full_like(causal, window)
+    wanted = np.maximum(min_keys, np.ceil(keep * base - 1e-9).astype(np.int64))
     return np.minimum(causal, wanted)

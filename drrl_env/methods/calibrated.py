@@ -1,8 +1,9 @@
 """``calibrated``: a fixed basis per layer, found offline; keys are rotated once, a rank is a slice.
 
 The bases come from calibration windows (:mod:`drrl_env.lm.calibration`): eigenvectors of
-the post-RoPE key Gram per (layer, key/value head) for ``calibrated``, or of the query and
-key Gram per (layer, query head) for ``calibrated-qhead``. Each key is rotated into its
+the post-RoPE query and key Gram ``Q^T Q + K^T K`` per (layer, query head) for
+``calibrated``, or summed over the query heads of a key/value head for ``calibrated-kv``
+(one basis per (layer, kv head), which ``topk`` uses too). Each key is rotated into its
 head's basis once, when it enters the KV cache, and kept rotated (the method's own cache);
 the running energy of every rotated coordinate is the spectrum the observation shows (no
 eigendecomposition per call). At rank ``r`` the queries are rotated onto the first ``r``
@@ -32,7 +33,7 @@ SCOPES = ("kv_head", "query_head")
 
 
 class CalibratedMethod(AttentionMethod):
-    """Fixed bases, one per (layer, key/value head); keys kept rotated.
+    """Fixed bases, one per (layer, query head); keys kept rotated (per query head).
 
     Args:
         head_dim: Head dimension ``d``.
@@ -43,9 +44,10 @@ class CalibratedMethod(AttentionMethod):
     """
 
     name = "calibrated"
-    description = "fixed basis per (layer, kv head) from calibration; keys rotated once"
+    description = "fixed basis per (layer, query head) from calibration; keys rotated once"
     needs_basis = True
-    scope = "kv_head"
+    scope = "query_head"
+    version = 2  # one basis per query head (it was per kv head)
 
     def __init__(self, head_dim: int, n_layers: int, basis: torch.Tensor | None = None) -> None:
         super().__init__(head_dim, n_layers)
@@ -151,9 +153,9 @@ class CalibratedMethod(AttentionMethod):
         return (rotate_queries + core_flops(t, n, d, r, h)).scaled(shape.batch)
 
 
-class QueryHeadCalibratedMethod(CalibratedMethod):
-    """Fixed bases per (layer, query head): keys rotated once per query head."""
+class KVHeadCalibratedMethod(CalibratedMethod):
+    """Fixed bases per (layer, key/value head): a key is rotated once for all its query heads."""
 
-    name = "calibrated-qhead"
-    description = "fixed basis per (layer, query head) from calibration; keys rotated per head"
-    scope = "query_head"
+    name = "calibrated-kv"
+    description = "fixed basis per (layer, kv head) from calibration; keys rotated once"
+    scope = "kv_head"

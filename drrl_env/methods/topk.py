@@ -1,10 +1,12 @@
 """``topk``: rank-guided sparse attention (after Loki, arXiv 2406.02542).
 
-The scores at the chosen rank, in the fixed rotated basis of ``calibrated``, only *select*
-each query's most relevant keys: the top ``keep`` fraction of its causal keys, never fewer
-than ``min_keys`` (and never more than it has). Exact attention then runs on the selected
-keys only. The agent still picks the rank (the quality of the selection); ``keep`` comes
-with the setting. Executed FLOPs per query head, with ``k_i`` keys kept by query ``i``:
+The scores at the chosen rank, in the fixed rotated basis of ``calibrated-kv``, only
+*select* each query's most relevant keys: ``keep`` times the ``N`` keys visible to the
+segment, never fewer than ``min_keys``, all of a query's causal keys when it has fewer
+(``keep_of="query"``: ``keep`` times the query's own causal keys instead). Exact attention
+then runs on the selected keys only. The agent still picks the rank (the quality of the
+selection); ``keep`` comes with the setting. Executed FLOPs per query head, with ``k_i``
+keys kept by query ``i``:
 ``2 T d r`` (rotate queries) + ``2 T N r`` (selection scores) + ``T N`` (selection) +
 ``sum_i (4 k_i d + 5 k_i)`` (exact attention on the kept keys), plus the rotation of each
 new key once (``features``). Queries run in chunks of ``query_chunk``: within a chunk every
@@ -21,13 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from drrl_env.flops import FlopsBreakdown
-from drrl_env.methods.base import CallShape, Setting, ceil_div, kept_keys, repeat_kv
-from drrl_env.methods.calibrated import CalibratedMethod
+from drrl_env.methods.base import (
+    CallShape,
+    Setting,
+    ceil_div,
+    check_option,
+    kept_keys,
+    repeat_kv,
+)
+from drrl_env.methods.calibrated import KVHeadCalibratedMethod
 
 MIN_KEYS = 64
 """Fewest keys a query attends exactly (all of them when it has fewer)."""
 QUERY_CHUNK = 64
 """Queries whose keys are gathered together (bounds the gathered tensor's memory)."""
+KEEP_OF = ("window", "query")
+"""What ``keep`` is a fraction of: the keys the segment sees, or each query's causal keys."""
 
 
 def allowed_keys(mask: torch.Tensor | None, batch: int, queries: int, keys: int) -> torch.Tensor:
@@ -38,13 +49,13 @@ def allowed_keys(mask: torch.Tensor | None, batch: int, queries: int, keys: int)
     return (mask > threshold).sum(dim=-1).expand(batch, 1, queries).long()
 
 
-class TopKMethod(CalibratedMethod):
+class TopKMethod(KVHeadCalibratedMethod):
     """Rank-r selection scores choose each query's keys; exact attention on those only.
 
     Args:
         head_dim: Head dimension ``d``.
         n_layers: Attention layers.
-        basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated``).
+        basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated-kv``).
         min_keys: Fewest keys a query attends.
         query_chunk: Queries gathered together.
     """
@@ -52,6 +63,7 @@ class TopKMethod(CalibratedMethod):
     name = "topk"
     description = "rank-r scores select the top keep fraction of keys; exact attention on them"
     uses_keep = True
+    version = 2  # keep is a fraction of the segment's keys by default
     dense_fast_path = False
     """The kernel the model runs never builds (H, T, N) tensors."""
 
@@ -62,15 +74,22 @@ class TopKMethod(CalibratedMethod):
         basis: torch.Tensor | None = None,
         min_keys: int = MIN_KEYS,
         query_chunk: int = QUERY_CHUNK,
+        keep_of: str = "window",
     ) -> None:
         super().__init__(head_dim, n_layers, basis)
-        for name, value in (("min_keys", min_keys), ("query_chunk", query_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.min_keys, self.query_chunk = min_keys, query_chunk
+        self.min_keys = check_option("min_keys", min_keys)
+        self.query_chunk = check_option("query_chunk", query_chunk)
+        if keep_of not in KEEP_OF:
+            raise ValueError(f"keep_of={keep_of!r} is not one of {KEEP_OF}")
+        self.keep_of = keep_of
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "min_keys": self.min_keys, "query_chunk": self.query_chunk}
+        return {
+            **super().options(),
+            "min_keys": self.min_keys,
+            "query_chunk": self.query_chunk,
+            "keep_of": self.keep_of,
+        }
 
     # -- selection (shared by every path, so they select the same keys) --------------------
 
@@ -84,9 +103,10 @@ class TopKMethod(CalibratedMethod):
         query_proj, key_proj = self.rotated(state, query, rank)  # (B,H,T,r), (B,H,N,r)
         batch, _, queries, _ = query.shape
         allowed = allowed_keys(mask, batch, queries, key_proj.shape[2]).to(query.device)
+        base = allowed if self.keep_of == "query" else torch.full_like(allowed, key_proj.shape[2])
         kept = {
             keep: torch.minimum(
-                allowed, torch.ceil(allowed.double() * keep - 1e-9).long().clamp_min(self.min_keys)
+                allowed, torch.ceil(base.double() * keep - 1e-9).long().clamp_min(self.min_keys)
             )
             for keep in keeps
         }  # keep -> (B, 1, T)
@@ -186,7 +206,8 @@ class TopKMethod(CalibratedMethod):
 
     def gathered_keys(self, shape: CallShape, keep: float) -> int:
         """Sum over query chunks of ``chunk size x the chunk's largest k_i`` (causal shape)."""
-        kept = kept_keys(shape.causal_keys(), keep, self.min_keys)  # (T,)
+        window = shape.keys if self.keep_of == "window" else None
+        kept = kept_keys(shape.causal_keys(), keep, self.min_keys, window)  # (T,)
         n_chunks = ceil_div(shape.queries, self.query_chunk)
         return int(
             sum(

@@ -1,11 +1,12 @@
 """``topk-block``: rank-guided block-sparse attention, run as a FlexAttention block mask.
 
-Like ``topk``, the scores at the chosen rank (in the fixed rotated basis of ``calibrated``)
-only select keys, and exact attention runs on the selection; here the unit is a block:
-queries and keys are cut into blocks of ``block``, each (query block, key block) pair
-scores the largest rank-r score inside it, and each query block keeps its top ``keep``
-fraction of the key blocks it can see (never fewer than ``ceil(min_keys / block)``, always
-its diagonal block). Exact attention then runs on the kept blocks in one fused kernel
+Like ``topk``, the scores at the chosen rank (in the fixed rotated basis of
+``calibrated-kv``) only select keys, and exact attention runs on the selection; here the
+unit is a block: queries and keys are cut into blocks of ``block``, each (query block, key
+block) pair scores the largest rank-r score inside it, and each query block keeps its top
+``keep`` times the key blocks the segment sees (never fewer than ``ceil(min_keys /
+block)``, all it can see when that is fewer, always its diagonal block). Exact attention
+then runs on the kept blocks in one fused kernel
 (:func:`~drrl_env.methods.fused.fused_block_sparse_attention`), causal inside them. The
 selection differs from per-query top-k (a whole block is kept or dropped), so it is a
 method of its own.
@@ -26,26 +27,30 @@ import torch
 import torch.nn.functional as F
 
 from drrl_env.flops import FlopsBreakdown
-from drrl_env.methods.base import CallShape, Setting, ceil_div, repeat_kv
-from drrl_env.methods.calibrated import CalibratedMethod
+from drrl_env.methods.base import CallShape, Setting, ceil_div, check_option, repeat_kv
+from drrl_env.methods.calibrated import KVHeadCalibratedMethod
 
 BLOCK = 64
 """Query and key block size."""
 
 
-def kept_blocks(visible: np.ndarray, keep: float, min_blocks: int) -> np.ndarray:
-    """Key blocks each query block keeps: ``min(n_b, max(min_blocks, ceil(keep * n_b)))``."""
-    wanted = np.maximum(min_blocks, np.ceil(keep * visible - 1e-9).astype(np.int64))
+def kept_blocks(visible: np.ndarray, keep: float, min_blocks: int, blocks: int) -> np.ndarray:
+    """Key blocks each query block keeps: ``min(n_b, max(min_blocks, ceil(keep * blocks)))``.
+
+    ``blocks`` is the number of key blocks the segment sees, ``n_b`` those the query block
+    sees (causal).
+    """
+    wanted = max(min_blocks, int(np.ceil(keep * blocks - 1e-9)))
     return np.minimum(visible, wanted)
 
 
-class TopKBlockMethod(CalibratedMethod):
+class TopKBlockMethod(KVHeadCalibratedMethod):
     """Block selection from rank-r scores; exact attention on the kept blocks, fused.
 
     Args:
         head_dim: Head dimension ``d``.
         n_layers: Attention layers.
-        basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated``).
+        basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated-kv``).
         block: Query and key block size.
         min_keys: Fewest keys a query block attends (rounded up to whole blocks).
     """
@@ -54,6 +59,7 @@ class TopKBlockMethod(CalibratedMethod):
     description = "rank-r scores select key blocks per query block; fused block-sparse attention"
     uses_keep = True
     has_fused = True
+    version = 2  # keep is a fraction of the segment's key blocks
     dense_fast_path = False
     """The kernel the model runs never builds (H, T, N) tensors."""
 
@@ -66,10 +72,8 @@ class TopKBlockMethod(CalibratedMethod):
         min_keys: int = 64,
     ) -> None:
         super().__init__(head_dim, n_layers, basis)
-        for name, value in (("block", block), ("min_keys", min_keys)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.block, self.min_blocks = block, ceil_div(min_keys, block)
+        self.block = check_option("block", block)
+        self.min_blocks = ceil_div(check_option("min_keys", min_keys), block)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "block": self.block, "min_blocks": self.min_blocks}
@@ -90,7 +94,7 @@ class TopKBlockMethod(CalibratedMethod):
         query_proj, key_proj = self.rotated(state, query, setting.rank)  # (B,H,T,r), (B,H,N,r)
         batch, heads, queries, _ = query.shape
         q_blocks, k_blocks, visible = self._blocks_of(queries, key_proj.shape[2])
-        counts = kept_blocks(visible, setting.keep, self.min_blocks)  # (QB,)
+        counts = kept_blocks(visible, setting.keep, self.min_blocks, k_blocks)  # (QB,)
         indices = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.long)
         for q_block in range(q_blocks):
             rows = slice(q_block * self.block, (q_block + 1) * self.block)
@@ -145,8 +149,9 @@ class TopKBlockMethod(CalibratedMethod):
 
     def setting_flops(self, shape: CallShape, setting: Setting) -> FlopsBreakdown:
         d, t, n, r, h = shape.head_dim, shape.queries, shape.keys, setting.rank, shape.heads
-        _, _, visible = self._blocks_of(t, n)
-        pairs = int(kept_blocks(visible, setting.keep, self.min_blocks).sum()) * self.block**2
+        _, k_blocks, visible = self._blocks_of(t, n)
+        kept = kept_blocks(visible, setting.keep, self.min_blocks, k_blocks)
+        pairs = int(kept.sum()) * self.block**2
         return FlopsBreakdown(
             projections=h * 2 * t * d * r,
             scores=h * (2 * t * n * r + 2 * pairs * d),

@@ -39,7 +39,7 @@ from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.observation import check_finite
 from drrl_env.rewards import RAW_TERMS
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 OPEN_WINDOWS = 8
 """Windows whose memory maps a cached backend keeps open at a time."""
 SHARD_ARRAYS = ("tokens", *RAW_TERMS, "spectra", "input_stats", "nll_full", "mean_nll")
@@ -55,6 +55,7 @@ def rollout_key(config: EnvConfig) -> dict[str, Any]:
         "split": config.split,
         "method": config.method,
         "method_module": f"{cls.__module__}:{cls.__qualname__}",
+        "method_version": cls.version,
         "ranks": list(config.ranks) if config.ranks else None,
         "keeps": list(config.sparse_keeps),
         "terms": list(RAW_TERMS),
@@ -105,7 +106,7 @@ class RolloutCache:
 
         self.store.check_writable()
         if not self.store.has_shared():
-            self._write_shared()
+            self.write_shared()
         wanted = self.wanted()
         if self.store.missing(wanted):
             threads = threads if threads is not None else (None if workers == 1 else 1)
@@ -119,7 +120,8 @@ class RolloutCache:
                 desc=f"caching {self.config.model} {self.config.method} {self.config.split}",
             )
 
-    def _write_shared(self) -> None:
+    def write_shared(self) -> None:
+        """Measure and store the arrays every window shares (model shape, grid, costs)."""
         lm = shared_model(self.config.model, self.config.device, self.config.cache_dir)
         shape = model_shape(lm)
         actions = ActionGrid.from_config(self.config, shape.head_dim)

@@ -104,7 +104,7 @@ def calibrated_basis(config: EnvConfig, lm, scope: str):
     from drrl_env.lm.calibration import calibrate_basis
     from drrl_env.store import ShardStore
 
-    key = {**data_key(config), "scope": scope, "windows": CALIBRATION_WINDOWS, "format": 2}
+    key = {**data_key(config), "scope": scope, "windows": CALIBRATION_WINDOWS, "format": 3}
     store = ShardStore(cache_root(config) / "bases", key, f"{config.model}-{scope}")
     if store.has_shared():
         return torch.from_numpy(np.array(store.read_shared(mmap=False)["basis"]))
