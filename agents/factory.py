@@ -127,19 +127,7 @@ def make_agent(
 
 def is_budgeted(env: gym.Env | VecEnv) -> bool:
     """Whether ``env`` (or the first copy of a VecEnv) has a FLOPs budget."""
-    if isinstance(env, VecEnv):
-        configs = env.get_attr("config", indices=[0]) if _has_attr(env, "config") else [None]
-        config = configs[0]
-    else:
-        config = getattr(env.unwrapped, "config", None)
-    return getattr(config, "budget", None) is not None
-
-
-def _has_attr(env: VecEnv, name: str) -> bool:
-    try:
-        return bool(env.has_attr(name))
-    except (AttributeError, NotImplementedError):
-        return False
+    return getattr(_env_attr(env, "config"), "budget", None) is not None
 
 
 def save_agent(model: BaseAlgorithm, path: str | Path, env: gym.Env | VecEnv | None = None) -> Path:
@@ -332,6 +320,9 @@ def build_policy_kwargs(
     if policy == "transformer":
         layout_for_space(env.observation_space)  # clear error before SB3 builds anything
     kwargs = default_policy_kwargs(policy, env_rank_fractions(env))
+    layout = _env_attr(env, "layout")
+    if policy == "transformer" and layout is not None:  # the env's own (budgeted or not)
+        kwargs["features_extractor_kwargs"]["layout"] = layout
     overrides = dict(overrides or {})
     extractor_overrides = overrides.pop("features_extractor_kwargs", None)
     kwargs |= overrides

@@ -61,8 +61,9 @@ def layout_for_space(observation_space: spaces.Space) -> ObservationLayout:
     """Reconstruct the observation layout from a flat Box space's size.
 
     The size is ``fixed + per_action * n_actions``, with a larger ``fixed`` for budgeted
-    episodes; the two fixed sizes differ by less than ``per_action``, so the size tells
-    both. Every constant comes from the layout itself.
+    episodes. A size that fits both is read as unbudgeted: pass the env's layout
+    (``env.unwrapped.layout``) for a budgeted env, as :func:`agents.make_agent` does. Every
+    constant comes from the layout itself.
 
     Raises:
         ValueError: The space is not a 1-D Box, or its size fits no action grid.

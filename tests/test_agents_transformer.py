@@ -18,9 +18,12 @@ def box(size: int) -> spaces.Box:
 
 @pytest.mark.parametrize("n_ranks", [1, 4, 8, 16])
 def test_layout_is_reconstructed_from_the_space_size(n_ranks):
-    for budgeted in (False, True):
-        layout = ObservationLayout(n_ranks, budgeted)
-        assert layout_for_space(box(layout.size)) == layout
+    layout = ObservationLayout(n_ranks)
+    assert layout_for_space(box(layout.size)) == layout
+    # A budgeted layout's size also fits an unbudgeted one: it is read as unbudgeted, so
+    # make_agent hands the env's own layout to the extractor.
+    budgeted = ObservationLayout(n_ranks, budgeted=True)
+    assert layout_for_space(box(budgeted.size)) == ObservationLayout(n_ranks + 1)
 
 
 @pytest.mark.parametrize(
@@ -98,3 +101,17 @@ def test_inconsistent_arguments_are_refused():
         StateTokenExtractor(space, n_heads=3)
     with pytest.raises(ValueError, match="rank_fractions must hold 8 values"):
         StateTokenExtractor(space, rank_fractions=(0.5, 1.0))
+
+
+def test_make_agent_gives_a_budgeted_env_its_own_layout(tmp_path):
+    import gymnasium as gym
+
+    from agents import make_agent
+
+    env = gym.make("DRRL-Tiny-Budget-v0", cache_dir=str(tmp_path), max_windows=1)
+    model = make_agent("maskable_ppo", env, policy="transformer")
+    extractor = model.policy.features_extractor
+    assert extractor.spec.n_ranks == env.action_space.n
+    groups = [name for name, _ in extractor.spec.groups]
+    assert groups[-3:] == ["budget_left", "steps_left", "budget_per_step"]
+    model.learn(64)

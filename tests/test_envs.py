@@ -245,7 +245,7 @@ def budget_env(cache_root):
 
 def test_budget_wall_keeps_every_episode_within_budget(budget_env):
     env = budget_env.unwrapped
-    assert env.layout.budgeted and env.layout.size == 13 + 3 * 15  # (rank, keep) pairs
+    assert env.layout.budgeted and env.layout.size == 14 + 3 * 15  # (rank, keep) pairs
     rng = np.random.default_rng(0)
     for episode in range(6):
         env.reset(options={"window": episode % 2})
@@ -279,10 +279,13 @@ def test_budget_observation_shows_what_is_left(budget_env):
     slices = env.layout.slices
     assert observation[slices["budget_left"]][0] == pytest.approx(0.6)
     assert observation[slices["steps_left"]][0] == 1.0
+    assert observation[slices["budget_per_step"]][0] == pytest.approx(0.6)
     observation, *_ = env.step(0)
     spent = env._spent / env.episode_full_flops
     assert observation[slices["budget_left"]][0] == pytest.approx(0.6 - spent, abs=1e-6)
     assert observation[slices["steps_left"]][0] == pytest.approx(15 / 16)
+    per_step = (0.6 - spent) * 16 / 15  # what is left, spread over the steps left
+    assert observation[slices["budget_per_step"]][0] == pytest.approx(per_step, abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ class DynamicRankEnv(gym.Env):
     | 10+3A | flops_spent | 0 | 4 | executed FLOPs so far / exact FLOPs of the episode |
     | 11+3A | budget_left | 0 | 1 | (budgeted only) budget left / exact FLOPs of the episode |
     | 12+3A | steps_left | 0 | 1 | (budgeted only) steps left / steps of the episode |
+    | 13+3A | budget_per_step | 0 | 4 | (budgeted only) budget left per step left / average step |
 
     The spectrum behind ``energy`` and ``perturbation`` is the method's own (eigenvalues of
     its Gram, or running energies of the rotated keys), in the order a truncation keeps it.

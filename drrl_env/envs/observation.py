@@ -97,6 +97,13 @@ class ObservationLayout:
             features += [
                 Feature("budget_left", 1, 0, 1, "FLOPs budget left / exact FLOPs of the episode"),
                 Feature("steps_left", 1, 0, 1, "steps left / steps of the episode"),
+                Feature(
+                    "budget_per_step",
+                    1,
+                    0,
+                    MAX_FLOPS_RATIO,
+                    "budget left per step left / exact FLOPs of an average step",
+                ),
             ]
         return tuple(features)
 
@@ -209,7 +216,7 @@ class ObservationBuilder:
             [self.spent_ratio(state.spent)],
         ]
         if self.layout.budgeted:
-            parts.append([self.budget_ratio(state.budget_left), state.steps_left / self.steps])
+            parts.append(self.budget_features(state))
         return np.concatenate(parts).astype(np.float32), perturbations
 
     def terminal(self, state: StepState) -> np.ndarray:
@@ -219,6 +226,12 @@ class ObservationBuilder:
         if self.layout.budgeted:
             observation[self.layout.slices["budget_left"]] = self.budget_ratio(state.budget_left)
         return observation
+
+    def budget_features(self, state: StepState) -> list[float]:
+        """``budget_left``, ``steps_left`` and ``budget_per_step`` of a running episode."""
+        left = self.budget_ratio(state.budget_left)
+        per_step = left * self.steps / state.steps_left if state.steps_left else 0.0
+        return [left, state.steps_left / self.steps, min(per_step, MAX_FLOPS_RATIO)]
 
     def spent_ratio(self, spent: float) -> float:
         return min(spent / self.episode_full_flops, MAX_FLOPS_RATIO)
