@@ -223,7 +223,9 @@ class AttentionMethod:
     uses_keep: ClassVar[bool] = False
     """Whether ``Setting.keep < 1`` means something (sparse methods)."""
     needs_basis: ClassVar[bool] = False
-    """Whether the method needs calibrated bases (see :meth:`basis_spec`)."""
+    """Whether the method needs calibrated bases (``basis=``, of :attr:`scope`)."""
+    scope: ClassVar[str | None] = None
+    """Which calibrated bases: ``query_head`` or ``kv_head`` (drrl_env.lm.calibration)."""
     version: ClassVar[int] = 1
     """Revision of what the method computes; caches of its results are keyed on it."""
 
@@ -369,16 +371,6 @@ class AttentionMethod:
             else self.setting_flops(shape, setting)
         )
         return self.feature_flops(shape) + run
-
-    # -- calibration -----------------------------------------------------------------------
-
-    def basis_spec(self) -> dict[str, Any] | None:
-        """What calibrated bases the method needs (None: none); see drrl_env.lm.calibration."""
-        return None
-
-    def options(self) -> dict[str, Any]:
-        """The method's options as plain values (they enter cache keys)."""
-        return {}
 
 
 def check_option(name: str, value: object) -> int:

@@ -13,8 +13,6 @@ beyond one rotation per key.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -62,12 +60,6 @@ class CalibratedMethod(AttentionMethod):
                 f"layers={self.n_layers}, d={self.head_dim}: a basis of another model?"
             )
         return basis.detach().float()
-
-    def basis_spec(self) -> dict[str, Any]:
-        return {"scope": self.scope}
-
-    def options(self) -> dict[str, Any]:
-        return {"scope": self.scope}
 
     def _layer_basis(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """(bases, d, d) basis of ``layer`` on ``like``'s device and dtype."""

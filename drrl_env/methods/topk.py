@@ -16,8 +16,6 @@ count includes that padding, because it is executed.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,7 +59,7 @@ class TopKMethod(KVHeadCalibratedMethod):
     """
 
     name = "topk"
-    description = "rank-r scores select the top keep fraction of keys; exact attention on them"
+    description = "rank-r scores select keep x the segment's keys per query; exact attention on them"
     uses_keep = True
     version = 2  # keep is a fraction of the segment's keys by default
     dense_fast_path = False
@@ -82,14 +80,6 @@ class TopKMethod(KVHeadCalibratedMethod):
         if keep_of not in KEEP_OF:
             raise ValueError(f"keep_of={keep_of!r} is not one of {KEEP_OF}")
         self.keep_of = keep_of
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "min_keys": self.min_keys,
-            "query_chunk": self.query_chunk,
-            "keep_of": self.keep_of,
-        }
 
     # -- selection (shared by every path, so they select the same keys) --------------------
 

@@ -20,8 +20,6 @@ the rotation of each new key once (``features``). ``T`` and ``N`` must be multip
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,9 +72,6 @@ class TopKBlockMethod(KVHeadCalibratedMethod):
         super().__init__(head_dim, n_layers, basis)
         self.block = check_option("block", block)
         self.min_blocks = ceil_div(check_option("min_keys", min_keys), block)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "block": self.block, "min_blocks": self.min_blocks}
 
     def _blocks_of(self, queries: int, keys: int) -> tuple[int, int, np.ndarray]:
         """(query blocks, key blocks, (QB,) key blocks each query block can see)."""

@@ -42,7 +42,6 @@ class LiveBackend:
         self._request = None
         self._full: dict[int, tuple[float, float]] = {}
         self._window = 0
-        self.last_record = None
 
     def __getstate__(self):
         raise TypeError(
@@ -75,7 +74,6 @@ class LiveBackend:
 
     def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
         record, self._request = self._live.step(self.actions.settings[action])
-        self.last_record = record
         return dict(record.terms)
 
     def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
