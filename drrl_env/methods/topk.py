@@ -60,8 +60,6 @@ class TopKMethod(KVHeadCalibratedMethod):
 
     name = "topk"
     description = "rank-r scores pick keep x the segment's keys per query; exact attention on them"
-        "rank-r scores select keep x the segment's keys per query; exact attention on them"
-    )
     uses_keep = True
     version = 2  # keep is a fraction of the segment's keys by default
     dense_fast_path = False
