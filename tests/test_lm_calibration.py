@@ -203,9 +203,9 @@ def test_smollm2_calibrated_basis(smollm2):
         "reused for every window, so the low-rank attention pays nothing to find its subspace."
     )
     tokens = np.asarray(smollm2.tokenizer.encode(text)[:32])[None]
-    basis = calibrate_basis(smollm2, tokens, 16, progress=False)
-    assert basis.shape == basis_shape(smollm2)
+    basis = calibrate_basis(smollm2, tokens, 16, progress=False, scope="query_head")
+    assert basis.shape == basis_shape(smollm2, "query_head")
     other = smollm2.tokenizer.encode("The cat sat on the mat and looked out of the window.")
     calibrated = run_window(smollm2, other, 16, "calibrated", 16, basis=basis)
-    random = run_window(smollm2, other, 16, "calibrated", 16, basis=random_basis(smollm2))
+    random = run_window(smollm2, other, 16, "calibrated", 16, basis=random_basis(smollm2, scope="query_head"))
     assert calibrated.mean_fidelity > random.mean_fidelity
