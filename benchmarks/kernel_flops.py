@@ -33,6 +33,7 @@ import csv
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,8 +125,12 @@ def parse_spec(text: str) -> KernelSpec:
     return KernelSpec(method, int(rank), float(keep), path)
 
 
-def benchmark(args: Args) -> list[dict]:
-    """Run every kernel at every length; one dict per (L, kernel, path, setting)."""
+def benchmark(args: Args, on_length: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run every kernel at every length; one dict per (L, kernel, path, setting).
+
+    ``on_length`` receives the rows so far after each length (the script writes them, so an
+    interrupted run keeps its finished lengths).
+    """
     device = torch.device(args.device)
     shape = AttentionShape(args.heads, args.kv_heads, args.head_dim)
     specs = [parse_spec(text) for text in args.kernels]
@@ -148,6 +153,8 @@ def benchmark(args: Args) -> list[dict]:
                 progress.update()
             rows += rows_of(args, device, length, measured, warmup, repeats)
             del measured
+            if on_length is not None:
+                on_length(rows)
     progress.close()
     return rows
 
@@ -221,23 +228,26 @@ def main(args: Args) -> None:
     for text in args.kernels:
         parse_spec(text)  # every spec checked before the first timing
     started = time.perf_counter()
-    rows = benchmark(args)
     device_type = torch.device(args.device).type
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = args.out_dir / f"kernel_flops_{device_type}.csv"
-    write_csv(rows, csv_path)
-    header = (
-        f"One attention layer, {args.heads} query heads, {args.kv_heads} kv heads, "
-        f"d={args.head_dim}, batch 1, causal, float32; device {device_type} "
-        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads). time_ms: median of `repeats` timed calls after "
-        "`warmup` untimed ones (the fused paths compile during the warmup). FLOPs from each "
-        "method's count (features included); cos_vs_full: output cosine vs exact attention "
-        f"on random Q/K/V. Total wall time {time.perf_counter() - started:.0f} s.\n\n"
-    )
-    markdown = header + markdown_from_csv(csv_path)
-    (args.out_dir / f"kernel_flops_{device_type}.md").write_text(markdown)
-    print(markdown)
+
+    def write(rows: list[dict]) -> str:
+        write_csv(rows, csv_path)
+        header = (
+            f"One attention layer, {args.heads} query heads, {args.kv_heads} kv heads, "
+            f"d={args.head_dim}, batch 1, causal, float32; device {device_type} "
+            f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads). time_ms: median of `repeats` timed calls after "
+            "`warmup` untimed ones (the fused paths compile during the warmup). FLOPs from each "
+            "method's count (features included); cos_vs_full: output cosine vs exact attention "
+            f"on random Q/K/V. Total wall time {time.perf_counter() - started:.0f} s.\n\n"
+        )
+        markdown = header + markdown_from_csv(csv_path)
+        (args.out_dir / f"kernel_flops_{device_type}.md").write_text(markdown)
+        return markdown
+
+    print(write(benchmark(args, on_length=write)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Smoke runs of the benchmark scripts at toy sizes: their files exist and hold what they say.
+
+Timings are never asserted (they are not pass/fail); the exact columns are: FLOPs ratios,
+the SDPA row's ratio of 1, and the agreement of a fast path with its reference path.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from tests.test_experiments_scripts import run_script
+
+KERNELS = ["calibrated:8:1:fast", "topk:8:0.5:fast", "topk:8:0.5:reference"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_kernel_flops_writes_every_length_and_kernel(tmp_path, cache):
+    args = ["--lengths", "64", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"]
+    args += ["--kernels", *KERNELS, "--warmup", "0", "--repeats", "1", "--device", "cpu"]
+    run_script("benchmarks/kernel_flops.py", [*args, "--out-dir", str(tmp_path)], cache)
+    table = pd.read_csv(tmp_path / "kernel_flops_cpu.csv")
+    assert len(table) == 2 * (2 + len(KERNELS))  # sdpa and full at each length, then the specs
+    assert set(table["L"]) == {64, 128}
+    assert (table.loc[table["kernel"] == "sdpa", "time_vs_sdpa"] == 1).all()
+    assert (table.loc[table["kernel"].isin(["sdpa", "full"]), "flops_vs_full"] == 1).all()
+    assert (table["time_ms"] > 0).all()
+    for length in (64, 128):
+        topk = table[(table["kernel"] == "topk") & (table["L"] == length)]
+        fast, reference = topk.set_index("path")["cos_vs_full"][["fast", "reference"]]
+        assert fast == pytest.approx(reference, abs=1e-5)  # the same attention, two paths
+        assert topk["flops_vs_full"].nunique() == 1  # one count for both paths
+    markdown = (tmp_path / "kernel_flops_cpu.md").read_text()
+    assert len(re.findall(r"^\| (64|128) \|", markdown, flags=re.M)) == len(table)
+
+
+def test_kernel_flops_refuses_a_bad_spec_before_timing(tmp_path, cache):
+    result = run_script(
+        "benchmarks/kernel_flops.py",
+        ["--kernels", "topk:8:fast", "--out-dir", str(tmp_path)],
+        cache,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "is not method:rank:keep:path" in result.stderr
+    assert not (tmp_path / "kernel_flops_cpu.csv").exists()
+
+
+def test_env_steps_sections(tmp_path, cache):
+    args = ["--env-id", "DRRL-Tiny-v0", "--copies", "1", "2", "--steps", "50"]
+    args += ["--live-methods", "calibrated", "--live-repeats", "1", "--max-windows", "2"]
+    run_script("benchmarks/env_steps.py", [*args, "--out-dir", str(tmp_path)], cache)
+    table = pd.read_csv(tmp_path / "env_steps.csv")
+    vector = table[table["section"] == "vector"]
+    assert sorted(zip(vector["setup"], vector["copies"], strict=True)) == [
+        ("cached, async", 1),
+        ("cached, async", 2),
+        ("cached, sync", 1),
+        ("cached, sync", 2),
+    ]
+    assert (vector["value"] > 0).all()
+    memory = table[table["section"] == "memory"]
+    assert len(memory) == 4 and (memory["value"] > 0).all()
+    live = table[table["section"] == "live"].set_index("setup")["value"]
+    sdpa = live["plain SDPA forward of the window"]
+    for label in ("exact", "cheapest"):
+        (seconds,) = [v for k, v in live.items() if k.startswith(f"calibrated episode, {label} (")]
+        ratio = live[f"calibrated episode, {label} / SDPA forward"]
+        assert ratio == pytest.approx(seconds / sdpa)
+    assert (tmp_path / "env_steps.md").read_text().count("\n| live |") == len(live)
+
+
+def test_env_steps_refuses_an_unknown_section(tmp_path, cache):
+    result = run_script(
+        "benchmarks/env_steps.py",
+        ["--env-id", "DRRL-Tiny-v0", "--sections", "vectors", "--out-dir", str(tmp_path)],
+        cache,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "unknown sections ['vectors']" in result.stderr
