@@ -207,5 +207,7 @@ def test_smollm2_calibrated_basis(smollm2):
     assert basis.shape == basis_shape(smollm2, "query_head")
     other = smollm2.tokenizer.encode("The cat sat on the mat and looked out of the window.")
     calibrated = run_window(smollm2, other, 16, "calibrated", 16, basis=basis)
-    random = run_window(smollm2, other, 16, "calibrated", 16, basis=random_basis(smollm2, scope="query_head"))
+    random = run_window(
+        smollm2, other, 16, "calibrated", 16, basis=random_basis(smollm2, scope="query_head")
+    )
     assert calibrated.mean_fidelity > random.mean_fidelity
