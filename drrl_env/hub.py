@@ -92,7 +92,11 @@ def _probe(url: str, timeout: float) -> str:
         except HTTPError as error:
             code = int(error.code)
         except (OSError, ValueError) as error:  # URLError, refused, reset, timed out
-            outcome["reason"] = f"{url} could not be reached ({error})"
+            cause = getattr(error, "reason", error)
+            if isinstance(error, TimeoutError) or isinstance(cause, TimeoutError):
+                outcome["reason"] = f"{url} did not answer within {timeout:g} s"
+            else:
+                outcome["reason"] = f"{url} could not be reached ({error})"
             return
         outcome["reason"] = f"{url} answered HTTP {code}" if code >= 500 else ""
 

@@ -224,6 +224,8 @@ def interrupt_after_first_trial(out: Path, run_name: str, cache_dir: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a test run before may leave SIGINT ignored here, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
@@ -245,7 +247,10 @@ def test_ctrl_c_keeps_finished_rows_and_resume_gives_the_same_tables(run_dir, ou
         if interrupted is not None:
             break
     else:
-        pytest.fail("every run finished before its SIGINT arrived")
+        pytest.fail(
+            "every run finished before its SIGINT arrived; SIGINT handler here: "
+            f"{signal.getsignal(signal.SIGINT)!r}"
+        )
     returncode, stdout = interrupted
     assert returncode == 130
     assert f"rerun with --run-name {name} --resume" in one_line(stdout)
