@@ -538,6 +538,25 @@ def test_fused_path_agrees_with_the_eager_reference(name, setting):
     torch.testing.assert_close(exact, full_attention(query, key, value, mask, dim**-0.5), **TOL)
 
 
+def test_block_sparse_fused_path_stays_compiled_past_torchs_recompile_limit():
+    # torch recompiles per shape and, past 8 shapes, used to run eager flex_attention,
+    # which ignores the selected key blocks: block-sparse attention silently became exact.
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim = 2, 1, 16
+    basis = torch.linalg.qr(torch.randn(1, kv_heads, dim, dim, generator=generator)).Q
+    method = make_method("topk-block", dim, 1, basis=basis)
+    setting = Setting(4, 0.25)
+    for length in range(128, 128 + 64 * 11, 64):  # 11 shapes
+        query = torch.randn(1, heads, length, dim, generator=generator)
+        key = torch.randn(1, kv_heads, length, dim, generator=generator)
+        value = torch.randn(1, kv_heads, length, dim, generator=generator)
+        state = method.new_state(0)
+        method.observe(state, query, key)
+        fused = method.fused(state, query, key, value, None, dim**-0.5, setting)
+        reference = method.reference(state, query, key, value, None, dim**-0.5, setting)
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5, msg=f"L={length}")
+
+
 def test_methods_without_a_fused_path_say_so():
     with pytest.raises(NotImplementedError, match="svd"):
         build("svd").fused({}, None, None, None, None, 1.0, Setting(4))

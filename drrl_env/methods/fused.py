@@ -21,15 +21,32 @@ import torch
 _COMPILED: dict[str, object] = {}
 
 
+RECOMPILE_LIMIT = 1024
+"""Shapes compiled per process. Past torch's default of 8, dynamo would silently run the
+eager ``flex_attention``, which materialises every score and ignores the key blocks a
+``BlockMask`` selects (block-sparse attention would quietly become exact attention)."""
+
+
 def flex_attention_compiled():
-    """``flex_attention`` compiled once per process (the eager version is a slow fallback)."""
+    """``flex_attention`` compiled once per process; never the eager fallback.
+
+    Each new shape compiles once (``dynamic=False``); the recompile limit is raised to
+    :data:`RECOMPILE_LIMIT` and hitting it raises instead of falling back to eager.
+    """
     if "flex" not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        dynamo_config.accumulated_recompile_limit = max(
+            dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
+        )
+        dynamo_config.fail_on_recompile_limit_hit = True
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["flex"]
 
 
+@lru_cache(maxsize=256)
 def causal_mask_mod(queries: int, keys: int):
     """FlexAttention mask: query ``q`` (0-based in the segment) sees keys up to ``q + N - T``."""
     offset = keys - queries
