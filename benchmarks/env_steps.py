@@ -10,8 +10,10 @@ Sections (``--sections``, all by default):
   their pages are shared between copies: PSS divides them among the processes that map
   them, USS leaves them out;
 - ``live``: one live episode of each method at exact attention and at its cheapest
-  action, against one plain SDPA forward of the same window (the model's own ``sdpa``
-  attention, no environment): the cost of running the environment closed loop.
+  action (and at ``--live-settings``), against one plain SDPA forward of the same window
+  (the model's own ``sdpa`` attention, no environment): the cost of running the
+  environment closed loop. Each window's first episode also runs one exact pass for the
+  KL reference; the warm-up episode pays it, the timed ones do not.
 
 Writes ``env_steps.csv`` and ``env_steps.md`` under ``out_dir`` and prints the table.
 
@@ -51,6 +53,9 @@ class Args:
     """Steps per copy timed in the vector section."""
     live_methods: tuple[str, ...] = ("gram", "calibrated", "topk")
     """Methods of the live section."""
+    live_settings: tuple[str, ...] = ()
+    """More actions timed in the live section, by label (e.g. ``r16k0.95``), for every
+    method whose grid has them."""
     live_repeats: int = 2
     """Episodes timed per method and action (the median is reported)."""
     max_windows: int = 8
@@ -155,7 +160,10 @@ def live_rows(args: Args) -> list[dict]:
             rows.append(row("live", "plain SDPA forward of the window", 1, sdpa, "s"))
         base = env.unwrapped
         cheapest = int(np.argmin(base.costs.executed.sum(axis=0)))
-        for label, action in (("exact", base.actions.full_action), ("cheapest", cheapest)):
+        timed = [("exact", base.actions.full_action), ("cheapest", cheapest)]
+        labels = base.actions.labels()
+        timed += [("setting", labels.index(x)) for x in args.live_settings if x in labels]
+        for label, action in timed:
             timed_episode(env, action)  # warm
             seconds = float(
                 np.median([timed_episode(env, action) for _ in range(args.live_repeats)])

@@ -9,17 +9,20 @@ side in one run, on the same inputs:
 - each method at each setting, on each of its paths: ``fast`` (the kernel the model runs:
   eager matmuls for the dense low-rank methods, the gather for ``topk``), ``fused``
   (FlexAttention, compiled: low-rank scores with ``A V`` at the head dim, or the block mask
-  of ``topk-block``) and, for ``topk``, its dense ``reference``. Every timed call includes
-  the method's observation features (rotating or decomposing the new keys), as a layer call
-  of the environment does. Calibrated methods use a random orthonormal basis.
+  of ``topk-block``) and, for ``topk``, its dense ``reference``; ``topp`` (top-p under the
+  rank-r estimate: its ``keep`` is the mass ``p``) on its ``fast`` path. Every timed call
+  includes the method's observation features (rotating or decomposing the new keys), as a
+  layer call of the environment does. Calibrated methods use a random orthonormal basis.
 
 Wall time is the median of ``repeats`` timed calls after ``warmup`` untimed ones; from
 ``L >= long_length`` on, ``long_repeats`` calls after ``long_warmup``. A kernel whose dense
 ``(H, L, L)`` tensors would exceed ``max_dense_gib`` is skipped (its row says so); the
 fused and gather paths never build them. FLOPs come from each method's own count (dense
-causal counts for dense kernels; kept keys or blocks for the sparse ones); ``cos_vs_full``
-is the output cosine against exact attention on the same inputs (random Q/K have a flat
-spectrum: it says nothing of a trained model's fidelity).
+causal counts for dense kernels; kept keys or blocks for the sparse ones); a method whose
+cost depends on the input (``topp``) counts what its last timed call executed
+(``executed_flops``; the row's note says so). ``cos_vs_full`` is the output cosine against
+exact attention on the same inputs (random Q/K have a flat spectrum: it says nothing of a
+trained model's fidelity).
 
 Writes ``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir``, prints the table.
 
@@ -30,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import math
 import platform
 import time
@@ -41,15 +46,20 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from drrl_env.flops import flops_ratio
+from drrl_env.flops import FlopsBreakdown, flops_ratio
 from drrl_env.lm.kernel_timing import (
     AttentionShape,
+    Kernel,
     KernelSpec,
     attention_kernels,
     full_flops,
     time_call,
 )
 from drrl_env.lm.measure import output_cosine
+from drrl_env.methods.base import CallShape
+
+REALISED = "flops realised by the timed call"
+"""The note of a row whose FLOPs depend on the input (the method's executed count)."""
 
 COLUMNS = (
     "device",
@@ -79,6 +89,8 @@ DEFAULT_SPECS = (
     "topk:16:0.25:reference",
     "topk-block:16:0.5:fused",
     "topk-block:16:0.25:fused",
+    "topp:16:0.9:fast",
+    "topp:16:0.99:fast",
 )
 
 
@@ -125,6 +137,32 @@ def parse_spec(text: str) -> KernelSpec:
     return KernelSpec(method, int(rank), float(keep), path)
 
 
+def recording(kernel: Kernel) -> tuple[Kernel, Callable[[], FlopsBreakdown] | None]:
+    """``kernel`` with a call that keeps its state, and the realised FLOPs of its last call.
+
+    Only for a method whose cost depends on the input (not ``static_cost``): its FLOPs are
+    then the method's :meth:`executed_flops` of the last timed call. Other kernels come back
+    unchanged, with ``None`` (their static count stands).
+    """
+    captured = inspect.getclosurevars(kernel.call).nonlocals  # what method_call closes over
+    method = captured.get("method")
+    if method is None or method.static_cost:
+        return kernel, None
+    query, key, setting, run = (captured[k] for k in ("query", "key", "setting", "run"))
+    inputs = (query, key, captured["value"], captured["mask"], captured["scaling"], setting)
+    last: dict = {}
+
+    def call() -> torch.Tensor:
+        state = last["state"] = method.new_state(0)
+        method.observe(state, query, key)
+        return run(state, *inputs)
+
+    def flops() -> FlopsBreakdown:
+        return method.executed_flops(last["state"], CallShape.of(query, key), setting)
+
+    return dataclasses.replace(kernel, call=call), flops
+
+
 def benchmark(args: Args, on_length: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every kernel at every length; one dict per (L, kernel, path, setting).
 
@@ -148,8 +186,13 @@ def benchmark(args: Args, on_length: Callable[[list[dict]], None] | None = None)
                 if gib > args.max_dense_gib:
                     measured.append((kernel, None, None, f"skipped: dense tensors {gib:.1f} GiB"))
                 else:
+                    kernel, realised = recording(kernel)
                     seconds, output = time_call(kernel.call, warmup, repeats, device)
-                    measured.append((kernel, seconds, output, ""))
+                    if realised is None:
+                        measured.append((kernel, seconds, output, ""))
+                    else:
+                        kernel = dataclasses.replace(kernel, flops=realised())
+                        measured.append((kernel, seconds, output, REALISED))
                 progress.update()
             rows += rows_of(args, device, length, measured, warmup, repeats)
             del measured

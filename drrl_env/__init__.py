@@ -24,6 +24,11 @@ ENTRY_POINT = "drrl_env.envs.dynamic_rank:DynamicRankEnv"
 _TINY = {"model": "tiny-llama", "seq_len": 512, "segment_length": 128, "max_windows": 16}
 _TOPK = {"method": "topk"}
 _BUDGET = {"method": "topk", "keeps": (0.25, 0.5), "budget": 0.6}
+_TOPP = {"method": "topp", "ranks": (8, 16, 64)}
+_LONG = {"seq_len": 4096, "segment_length": 512}
+_TINY_LONG = {**_TINY, "seq_len": 2048, "segment_length": 512}
+# topp budgets sit above each shape's floor (rank 8, p = 0: 0.24 of exact attention at
+# 1024 tokens, 0.16 at 4096; the tiny model's 0.37 at 512 and 0.19 at 2048 tokens).
 
 ENV_IDS: dict[str, dict] = {
     "DRRL-Wikitext-v0": {"backend": "cached"},
@@ -33,10 +38,21 @@ ENV_IDS: dict[str, dict] = {
     "DRRL-Wikitext-TopK-Live-v0": {"backend": "live", **_TOPK},
     "DRRL-Wikitext-Budget-v0": {"backend": "cached", **_BUDGET},
     "DRRL-Wikitext-Budget-Live-v0": {"backend": "live", **_BUDGET},
+    "DRRL-Wikitext-TopP-v0": {"backend": "cached", **_TOPP},
+    "DRRL-Wikitext-TopP-Live-v0": {"backend": "live", **_TOPP},
+    "DRRL-Wikitext-TopP-Budget-v0": {"backend": "cached", **_TOPP, "budget": 0.4},
+    "DRRL-Long-TopP-v0": {"backend": "cached", **_LONG, **_TOPP},
+    "DRRL-Long-TopP-Live-v0": {"backend": "live", **_LONG, **_TOPP},
+    "DRRL-Long-TopP-Budget-v0": {"backend": "cached", **_LONG, **_TOPP, "budget": 0.3},
     "DRRL-Tiny-v0": {**_TINY, "method": "calibrated"},
     "DRRL-Tiny-Live-v0": {**_TINY, "method": "calibrated", "backend": "live"},
     "DRRL-Tiny-TopK-v0": {**_TINY, **_TOPK},
     "DRRL-Tiny-Budget-v0": {**_TINY, **_BUDGET},
+    "DRRL-Tiny-TopP-v0": {**_TINY, **_TOPP},
+    "DRRL-Tiny-TopP-Budget-v0": {**_TINY, **_TOPP, "budget": 0.5},
+    "DRRL-Tiny-Long-TopP-v0": {**_TINY_LONG, **_TOPP},
+    "DRRL-Tiny-Long-TopP-Live-v0": {**_TINY_LONG, **_TOPP, "backend": "live"},
+    "DRRL-Tiny-Long-TopP-Budget-v0": {**_TINY_LONG, **_TOPP, "budget": 0.3},
 }
 """Registered id -> the ``gym.make`` keywords it stands for (see the README's table).
 

@@ -7,7 +7,13 @@ through the frozen model with that rank at every attention layer. Reported per r
 - ``ppl_vs_full``: relative change of that perplexity against the full-rank run;
 - ``fidelity_mean``: mean cosine between the executed and the full-rank attention output,
   over windows, segments and layers; ``fidelity_min_layer``: the lowest per-layer mean;
-- ``flops_ratio``: executed attention FLOPs (subspace cost included) over full-rank FLOPs.
+- ``flops_ratio``: executed attention FLOPs (subspace cost included) over full-rank FLOPs;
+- ``mean_kl``: mean over predicted tokens of KL(exact || this setting) of the next-token
+  distributions, nats (0 for exact attention; non-negative and far less noisy than the
+  perplexity change); ``top1_agreement``: fraction of tokens whose most likely next token
+  equals exact attention's;
+- ``kept_fraction``: keys attended exactly over causal keys, mean over layers and segments
+  (realised: ``topp`` keeps what the attention mass needs).
 
 A rank equal to the head dimension runs full attention whatever the method, so those rows
 reuse the single full-rank run (``full`` row). The ``calibrated`` bases are estimated on
@@ -62,6 +68,9 @@ COLUMNS = (
     "fidelity_min_layer",
     "flops_ratio",
     "flops_vs_causal",
+    "mean_kl",
+    "top1_agreement",
+    "kept_fraction",
     "n_windows",
     "n_predicted",
     "wall_s",
@@ -92,6 +101,11 @@ class Args:
     """Selection ranks of the sparse methods (``topk``, ``topk-block``)."""
     keeps: tuple[float, ...] = (0.5, 0.25, 0.125)
     """Keep fractions of the sparse methods (each with every sparse rank)."""
+    mass_ranks: tuple[int, ...] = (16, 64)
+    """Selection ranks of the mass-target methods (``topp``); the head dim selects on exact
+    scores (the upper bound of the selection)."""
+    masses: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+    """Mass targets ``p`` of the mass-target methods (each with every mass rank)."""
     calibration_windows: int = 4
     """Number of ``split="train"`` windows the calibrated bases are estimated on."""
     out_dir: Path = Path("results/uniform_rank")
@@ -110,10 +124,15 @@ class Args:
         for keep in self.keeps:
             if not 0 < keep <= 1:
                 raise ArgumentError(f"keeps: {keep!r} is outside (0, 1]")
+        for mass in self.masses:
+            if not 0 <= mass <= 1:
+                raise ArgumentError(f"masses: {mass!r} is outside [0, 1]")
+        check_unique("masses", self.masses)
+        check_unique("mass_ranks", self.mass_ranks)
         check_unique("methods", self.methods)
         check_unique("ranks", self.ranks)
         check_unique("keeps", self.keeps)
-        for rank in (*self.ranks, *self.sparse_ranks):
+        for rank in (*self.ranks, *self.sparse_ranks, *self.mass_ranks):
             if rank < 1:
                 raise ArgumentError(f"ranks: {rank} is not a rank (>= 1)")
         for name in ("seq_len", "segment_length", "n_windows", "calibration_windows"):
@@ -127,7 +146,9 @@ class Args:
         """``(method, rank, keep)`` of every row but the full-rank one, in table order."""
         jobs = []
         for method in self.methods:
-            if method_class(method).uses_keep:
+            if method_class(method).keep_allows_zero:
+                jobs += [(method, r, p) for r in self.mass_ranks for p in self.masses]
+            elif method_class(method).uses_keep:
                 jobs += [(method, r, k) for r in self.sparse_ranks for k in self.keeps]
             else:
                 jobs += [(method, r, 1.0) for r in self.ranks]
@@ -147,6 +168,9 @@ class Row:
     fidelity_min_layer: float
     flops_ratio: float
     flops_vs_causal: float
+    mean_kl: float
+    top1_agreement: float
+    kept_fraction: float
     n_windows: int
     n_predicted: int
     wall_s: float
@@ -159,15 +183,29 @@ def run_windows(
     method,
     rank: int | None,
     keep: float = 1.0,
+    references: list[torch.Tensor] | None = None,
 ) -> list[WindowResult]:
     """Run every window (rows of ``windows``) with ``rank`` at every layer (None: exact).
 
     A sparse method's rank comes with its ``keep`` (at the head dim too: exact-score
-    selection is not exact attention).
+    selection is not exact attention). ``references`` (exact next-token log-probs per
+    window) make each result carry its KL and top-1 agreement; None keeps this run's own
+    log-probs instead (the exact run, whose log-probs are the references).
     """
     schedule = rank if rank is None or keep >= 1 else Setting(rank, keep)
     with torch.inference_mode():
-        return [run_window(lm, tokens, segment_length, method, schedule) for tokens in windows]
+        return [
+            run_window(
+                lm,
+                tokens,
+                segment_length,
+                method,
+                schedule,
+                reference=None if references is None else references[index],
+                keep_logprobs=references is None,
+            )
+            for index, tokens in enumerate(windows)
+        ]
 
 
 def causal_exact_flops(lm: LoadedModel, result: WindowResult) -> float:
@@ -200,6 +238,8 @@ def aggregate(
     flops = sum(float(r.flops.sum()) for r in results)
     flops_full = sum(float(r.flops_full.sum()) for r in results)
     causal = sum(causal_exact_flops(lm, r) for r in results)
+    compared = [r.comparison for r in results if r.comparison is not None]
+    count = sum(c.count for c in compared)
     return Row(
         method=method,
         rank=rank,
@@ -210,6 +250,9 @@ def aggregate(
         fidelity_min_layer=float(per_layer.min()),
         flops_ratio=flops / flops_full,
         flops_vs_causal=flops / causal,
+        mean_kl=sum(c.kl_sum for c in compared) / count if count else 0.0,
+        top1_agreement=sum(c.agree for c in compared) / count if count else 1.0,
+        kept_fraction=float(np.mean([r.kept.mean() for r in results])),
         n_windows=len(results),
         n_predicted=predicted,
         wall_s=wall_s,
@@ -248,8 +291,17 @@ def _format(column: str, value: str) -> str:
         return f"{float(value):.2f}"
     if column == "ppl_vs_full":
         return f"{100 * float(value):+.1f} %"
-    if column in ("fidelity_mean", "fidelity_min_layer", "flops_ratio", "flops_vs_causal"):
+    if column in (
+        "fidelity_mean",
+        "fidelity_min_layer",
+        "flops_ratio",
+        "flops_vs_causal",
+        "top1_agreement",
+        "kept_fraction",
+    ):
         return f"{float(value):.3f}"
+    if column == "mean_kl":
+        return f"{float(value):.2e}"
     if column == "keep":
         return f"{float(value):g}"
     if column == "wall_s":
@@ -369,9 +421,10 @@ def run_rows(
         return None if record is None else row_from_record(record)
 
     full = finished("full", lm.head_dim, 1.0)
+    t0 = time.perf_counter()
+    results = run_windows(lm, tokens, args.segment_length, "full", None)
+    references = [r.logprobs for r in results]  # exact next-token log-probs per window
     if full is None:
-        t0 = time.perf_counter()
-        results = run_windows(lm, tokens, args.segment_length, "full", None)
         full = aggregate(lm, "full", lm.head_dim, 1.0, results, time.perf_counter() - t0, None)
         log.append([asdict(full)])
     jobs = args.jobs()
@@ -390,14 +443,17 @@ def run_rows(
             cls = method_class(method)
             kwargs = {"basis": bases[cls.scope]} if cls.needs_basis else {}
             attention = make_method(method, lm.head_dim, lm.n_layers, **kwargs)
-            results = run_windows(lm, tokens, args.segment_length, attention, rank, keep)
+            results = run_windows(
+                lm, tokens, args.segment_length, attention, rank, keep, references
+            )
             row = aggregate(
                 lm, method, rank, keep, results, time.perf_counter() - t0, full.perplexity
             )
             log.append([asdict(row)])
             tqdm.write(
                 f"{method:>16} r={rank:<3} keep={keep:<5g} ppl={row.perplexity:8.2f} "
-                f"fid={row.fidelity_mean:.3f} flops={row.flops_ratio:.3f}"
+                f"fid={row.fidelity_mean:.3f} flops={row.flops_ratio:.3f} "
+                f"kl={row.mean_kl:.2e} top1={row.top1_agreement:.3f}"
             )
 
 

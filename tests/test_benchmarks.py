@@ -11,9 +11,13 @@ import re
 import pandas as pd
 import pytest
 
+from drrl_env.flops import full_attention_flops
+from drrl_env.methods import make_method
+from drrl_env.methods.base import CallShape, Setting
 from tests.test_experiments_scripts import run_script
 
 KERNELS = ["calibrated:8:1:fast", "topk:8:0.5:fast", "topk:8:0.5:reference"]
+KERNELS += ["topp:8:0.5:fast", "topp:8:0.5:reference"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,19 @@ def test_kernel_flops_writes_every_length_and_kernel(tmp_path, cache):
         fast, reference = topk.set_index("path")["cos_vs_full"][["fast", "reference"]]
         assert fast == pytest.approx(reference, abs=1e-5)  # the same attention, two paths
         assert topk["flops_vs_full"].nunique() == 1  # one count for both paths
+        # topp: the realised count of the timed call, the same keys on both paths; at
+        # L=64 every query keeps all its keys (min_keys=64), at 128 some are dropped.
+        topp = table[(table["kernel"] == "topp") & (table["L"] == length)].set_index("path")
+        assert topp.loc["fast", "cos_vs_full"] == pytest.approx(
+            topp.loc["reference", "cos_vs_full"], abs=1e-5
+        )
+        assert topp["flops_vs_full"].nunique() == 1
+        assert (topp["note"] == "flops realised by the timed call").all()
+        shape = CallShape(length, length, 16, 2, 1)
+        upper = make_method("topp", 16, 1).flops(shape, Setting(8, 0.5)).total
+        bound = upper / full_attention_flops(length, length, 16, 2).total
+        realised = topp.loc["fast", "flops_vs_full"]
+        assert realised == pytest.approx(bound) if length == 64 else realised < 0.95 * bound
     markdown = (tmp_path / "kernel_flops_cpu.md").read_text()
     assert len(re.findall(r"^\| (64|128) \|", markdown, flags=re.M)) == len(table)
 

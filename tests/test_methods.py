@@ -31,7 +31,7 @@ from drrl_env.methods.base import (
 
 B, H, HKV, T, N, D = 2, 4, 2, 6, 10, 16
 TOL = dict(rtol=1e-5, atol=1e-6)  # the kernels take the softmax in float32
-BUILTIN = ("full", "gram", "svd", "calibrated", "calibrated-kv", "topk", "topk-block")
+BUILTIN = ("full", "gram", "svd", "calibrated", "calibrated-kv", "topk", "topk-block", "topp")
 
 
 def structured_qk(seed: int = 0, dtype=torch.float64, decay: float = 0.7, scale: float = 6.0):

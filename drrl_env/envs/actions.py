@@ -7,6 +7,9 @@ keep fractions, flattened rank-major, then one last action for exact attention::
     ranks (8, 16, ..., 64), keeps (0.25, 0.5)
     -> (8, 0.25), (8, 0.5), (16, 0.25), ..., (56, 0.5), (64, 1.0)
 
+A method that selects keys (``topp``) also offers selection at full rank (exact scores
+choose the keys: the upper bound of its selection), ``(d, p)`` for every ``p < 1``.
+
 The last action is always exact attention: the guardrail never masks it and the baselines'
 "full rank" is it.
 """
@@ -32,9 +35,14 @@ class ActionGrid:
     @classmethod
     def from_config(cls, config: EnvConfig, head_dim: int) -> ActionGrid:
         """The grid of ``config``'s ranks (checked against ``head_dim``) and keep fractions."""
+        from drrl_env.methods import method_class
+
         ranks = config.rank_grid(head_dim)
         keeps = config.sparse_keeps
-        settings = [Setting(r, k) for r in ranks[:-1] for k in keeps]
+        selecting = ranks if method_class(config.method).selects_at_full_rank else ranks[:-1]
+        settings = [
+            Setting(r, k) for r in selecting for k in keeps if not Setting(r, k).is_exact(head_dim)
+        ]
         if keeps == (1.0,):
             settings = [Setting(r) for r in ranks[:-1]]
         return cls((*settings, Setting(head_dim)), head_dim)

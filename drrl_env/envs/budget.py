@@ -5,6 +5,15 @@ the whole window. Before each step, an action is allowed only if, after it, the 
 action at every remaining step still fits: ``spent + cost(action) + min_future <= cap``.
 The cheapest schedule is feasible at reset (else the budget is refused), so some action is
 always allowed, and the episode ends within budget whatever the agent does.
+
+Input-dependent costs (``topp``: the keys kept follow the attention mass, so an action's
+FLOPs are known only once it ran): ``cost(action)`` is then the action's upper bound (every
+causal key kept) and ``min_future`` the cheapest bound of each remaining step (the floor
+action ``keep = 0``, whose cost is static), while ``spent`` is what the steps so far
+realised. An action is allowed only if even its worst case leaves room for the floor at
+every remaining step, so the final spend never exceeds the budget; when no other action
+fits, the floor is forced. Realised spend below the bounds returns to the agent as room
+for later steps.
 """
 
 from __future__ import annotations

@@ -28,14 +28,15 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def _check_fraction(name: str, value: object) -> float:
+def _check_fraction(name: str, value: object, allow_zero: bool = False) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float | np.floating)
         or not math.isfinite(value)
-        or not 0 < value <= 1
+        or not (0 <= value <= 1 if allow_zero else 0 < value <= 1)
     ):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        allowed = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
     return float(value)
 
 
@@ -68,9 +69,11 @@ class EnvConfig:
     ranks: tuple[int, ...] | None = None
     """Candidate ranks, increasing, ending at the head dim; default multiples of d/8."""
     keep: float | None = None
-    """Keep fraction of a sparse method's actions (default 0.5 for ``topk``)."""
+    """Keep fraction of a sparse method's actions (default 0.5 for ``topk``); for ``topp``
+    the softmax-mass target ``p`` (0: the ``min_keys`` best keys only)."""
     keeps: tuple[float, ...] | None = None
-    """Sparse methods: a grid of keep fractions; actions are then (rank, keep) pairs."""
+    """Sparse methods: a grid of keep fractions (``topp``: of mass targets, default
+    ``drrl_env.methods.topp.MASS_TARGETS``); actions are then (rank, keep) pairs."""
     max_windows: int | None = 32
     """Windows taken from the split (the first ones); None for all."""
     fidelity: str = DEFAULT_FIDELITY
@@ -97,8 +100,17 @@ class EnvConfig:
             object.__setattr__(self, "ranks", self._int_tuple("ranks", self.ranks))
         if self.keeps is not None:
             keeps = self._tuple("keeps", self.keeps)
-            object.__setattr__(self, "keeps", tuple(_check_fraction("keeps", k) for k in keeps))
+            object.__setattr__(
+                self, "keeps", tuple(_check_fraction("keeps", k, self._zero_keep()) for k in keeps)
+            )
         self.validate()
+
+    def _zero_keep(self) -> bool:
+        """Whether the method reads ``keep = 0`` (``topp``: its static-cost floor)."""
+        from drrl_env.methods import method_class
+
+        check_method_name(self.method)
+        return method_class(self.method).keep_allows_zero
 
     @staticmethod
     def _tuple(name: str, value: object) -> tuple:
@@ -163,7 +175,7 @@ class EnvConfig:
 
         sparse = method_class(self.method).uses_keep
         if self.keep is not None:
-            _check_fraction("keep", self.keep)
+            _check_fraction("keep", self.keep, self._zero_keep())
         if (self.keep is not None or self.keeps is not None) and not sparse:
             raise ValueError(
                 f"keep/keeps apply to sparse methods (topk); method={self.method!r} keeps every key"
@@ -206,11 +218,14 @@ class EnvConfig:
         """Keep fractions of the non-exact actions (``(1.0,)`` for dense methods)."""
         from drrl_env.methods import method_class
 
-        if not method_class(self.method).uses_keep:
+        cls = method_class(self.method)
+        if not cls.uses_keep:
             return (1.0,)
         if self.keeps is not None:
             return self.keeps
-        return (DEFAULT_KEEP if self.keep is None else self.keep,)
+        if self.keep is not None:
+            return (self.keep,)
+        return cls.default_keeps or (DEFAULT_KEEP,)
 
     def rank_grid(self, head_dim: int) -> tuple[int, ...]:
         """The candidate ranks for a head dim: ``ranks`` checked, or the multiples of d/8."""

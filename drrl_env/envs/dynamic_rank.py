@@ -29,8 +29,10 @@ class DynamicRankEnv(gym.Env):
     (top eigenvectors of ``Q^T Q + K^T K``, found online), ``svd`` (the DR-RL paper's
     separate SVDs), ``calibrated`` (a fixed basis per layer and query head, keys rotated
     once), ``calibrated-kv`` (per kv head), ``topk`` (rank-r scores select, for each query,
-    ``keep`` times the segment's keys; exact attention on those), ``topk-block``, ``full``.
-    Steps run
+    ``keep`` times the segment's keys; exact attention on those), ``topk-block``, ``topp``
+    (rank-r scores select, for each query and head, the fewest keys holding a fraction
+    ``p`` of the estimated attention mass: the agent sets the target, the input sets the
+    cost), ``full``. Steps run
     segment-major, layer-minor: step ``t`` is segment ``t // n_layers``, layer
     ``t % n_layers``.
 
@@ -40,10 +42,15 @@ class DynamicRankEnv(gym.Env):
     ``env.unwrapped.actions``): the candidate ranks (default multiples of ``d/8`` up to the
     head dim ``d``), the last action being exact attention. For a sparse method with
     ``keeps=(k1, k2, ...)`` the actions are the (rank, keep) pairs of the ranks below ``d``,
-    flattened rank-major, then exact attention. ``action_masks()`` (sb3-contrib protocol)
-    returns the allowed actions: unbudgeted, the guardrail masks ranks whose perturbation
-    exceeds ``max_perturbation`` (exact attention never); budgeted, the action wall masks
-    actions after which the budget could not be met. A masked action passed to ``step`` is
+    flattened rank-major, then exact attention; for ``topp`` a setting's ``keep`` is the
+    mass target ``p`` (0: only the ``min_keys`` best keys, the static-cost floor), and the
+    pairs include rank ``d`` (exact scores select: the upper bound of the selection).
+    ``action_masks()`` (sb3-contrib protocol) returns the allowed actions: unbudgeted, the
+    guardrail masks ranks whose perturbation exceeds ``max_perturbation`` (exact attention
+    never); budgeted, the action wall masks
+    actions after which the budget could not be met (with input-dependent costs it plans
+    with each action's upper bound and the realised spend, so the final spend never exceeds
+    the budget; see :mod:`drrl_env.envs.budget`). A masked action passed to ``step`` is
     replaced (guardrail: by the first allowed action above it; budget: by the most
     expensive allowed action); ``info["action_masked"]`` says so and
     ``info["requested_action"]`` keeps what was asked.
@@ -64,12 +71,19 @@ class DynamicRankEnv(gym.Env):
     | 4+3A .. 6+3A | sequence_dynamics | -1 | 1 | input RMS, consecutive-token cosine, spread |
     | 7+3A .. 9+3A | layer_weights | 0 | 1 | attention-weight RMS, stable rank, relative RMS |
     | 10+3A | flops_spent | 0 | 4 | executed FLOPs so far / exact FLOPs of the episode |
-    | 11+3A | budget_left | 0 | 1 | (budgeted only) budget left / exact FLOPs of the episode |
-    | 12+3A | steps_left | 0 | 1 | (budgeted only) steps left / steps of the episode |
-    | 13+3A | budget_per_step | 0 | 4 | (budgeted only) budget left per step left / average step |
+    | +1 | kept_prev_layer | 0 | 1 | (input-dependent costs) this layer's kept / causal keys |
+    |    |                 |   |   | on the previous segment |
+    | +1 | cost_prev_layer | 0 | 4 | (input-dependent costs) its FLOPs ratio there |
+    | +1 | budget_left | 0 | 1 | (budgeted only) budget left / exact FLOPs of the episode |
+    | +1 | steps_left | 0 | 1 | (budgeted only) steps left / steps of the episode |
+    | +1 | budget_per_step | 0 | 4 | (budgeted only) budget left per step left / average step |
 
     The spectrum behind ``energy`` and ``perturbation`` is the method's own (eigenvalues of
     its Gram, or running energies of the rotated keys), in the order a truncation keeps it.
+    With input-dependent costs (``topp``), ``action_cost`` holds each action's upper bound
+    (every causal key kept; the floor's exact cost), what the budget wall plans with; the
+    realised FLOPs and kept fraction of a step are in ``info`` (``flops``,
+    ``kept_fraction``) and the previous segment's of the layer in the observation.
 
     ## Rewards
 
@@ -93,8 +107,11 @@ class DynamicRankEnv(gym.Env):
 
     The episode terminates after ``n_segments * n_layers`` steps (the window is read); it is
     never truncated, whatever ``seq_len`` is passed. ``info["episode_summary"]`` then holds
-    mean fidelity, executed-FLOPs reduction, mean rank, the ranks (and keeps) chosen; the
-    live backend adds the window's perplexity with those settings and at exact attention.
+    mean fidelity, executed-FLOPs reduction, mean kept fraction, mean rank, the ranks (and
+    keeps) chosen; the live backend adds the window's perplexity with those settings and at
+    exact attention, the mean token KL divergence of the next-token distributions to exact
+    attention's (``mean_kl``, nats) and the fraction of tokens whose most likely next token
+    is exact attention's (``top1_agreement``).
 
     ## Arguments
 
@@ -146,7 +163,9 @@ class DynamicRankEnv(gym.Env):
             if self.config.budget is not None
             else None
         )
-        self.layout = ObservationLayout(len(self.actions), budgeted=self.wall is not None)
+        self.layout = ObservationLayout(
+            len(self.actions), budgeted=self.wall is not None, input_costs=not self.costs.static
+        )
         self.action_space = spaces.Discrete(len(self.actions))
         self.observation_space = spaces.Box(self.layout.low, self.layout.high, dtype=np.float32)
         self.reward_function = Reward(
@@ -179,6 +198,11 @@ class DynamicRankEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(
+                f"options={options!r} must be a dict such as {{'window': 0}} (or None); "
+                f"keys: {RESET_OPTIONS}"
+            )
         options = dict(options or {})
         unknown = sorted(set(options) - set(RESET_OPTIONS))
         if unknown:
@@ -195,10 +219,19 @@ class DynamicRankEnv(gym.Env):
         self._t = 0
         self._prev_rank = [self.head_dim] * self.n_layers
         self._prev_step_rank = self.head_dim
+        self._prev_cost = [(1.0, 1.0)] * self.n_layers  # (kept, FLOPs ratio) of last segment
         self._spent, self._masked = 0.0, 0
         self._log: dict[str, list] = {
             name: []
-            for name in ("action", "fidelity", "cosine", "flops", "flops_full", "perturbation")
+            for name in (
+                "action",
+                "fidelity",
+                "cosine",
+                "flops",
+                "flops_full",
+                "perturbation",
+                "kept",
+            )
         }
         self._raw_sums: dict[str, float] = {}
         self._observe(self.backend.begin(self.window))
@@ -209,18 +242,27 @@ class DynamicRankEnv(gym.Env):
             raise RuntimeError("step() called before reset()")
         if self._t >= self.steps:
             raise RuntimeError("step() called after the episode ended; call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action={action!r} is not in {self.action_space}")
+        if isinstance(action, bool | np.bool_) or not self.action_space.contains(action):
+            raise ValueError(
+                f"action={action!r} is not in {self.action_space}: pass an int index "
+                f"0..{self.action_space.n - 1}"
+            )
         segment, layer = divmod(self._t, self.n_layers)
         requested = int(action)
         index, masked = self._apply_mask(requested)
         setting = self.actions.settings[index]
         raw = self.backend.execute(segment, layer, index)
-        flops, flops_full = self.costs.executed[segment, index], self.costs.full[segment]
+        flops, kept = raw.pop("flops", None), raw.pop("kept", None)
+        if flops is None:  # a static cost: the table's
+            flops, kept = self.costs.executed[segment, index], self.costs.kept[segment, index]
+        flops_full = self.costs.full[segment]
         perturbation = float(self._perturbations[index])
         flops_ratio = flops / flops_full
         terms = self.reward_function.components(raw, flops_ratio, perturbation)
-        self._record(setting.rank, index, terms["fidelity"], raw, flops, flops_full, perturbation)
+        self._record(
+            setting.rank, index, terms["fidelity"], raw, flops, flops_full, perturbation, kept
+        )
+        self._prev_cost[layer] = (float(kept), float(flops_ratio))
         self._masked += int(masked)
         self._t += 1
         terminated = self._t == self.steps
@@ -238,6 +280,7 @@ class DynamicRankEnv(gym.Env):
             "perturbation": perturbation,
             "flops": float(flops),
             "flops_full": float(flops_full),
+            "kept_fraction": float(kept),
             **{f"raw_{name}": value for name, value in raw.items()},
             **terms,
         }
@@ -277,7 +320,10 @@ class DynamicRankEnv(gym.Env):
         term = self.reward_function.fidelity
         fidelity = np.array([term.value(v, self.steps) for v in raw[term.raw]])
         weights = self.reward_function.weights
-        flops = self.costs.ratios[segment]
+        if "flops" in raw:  # input-dependent costs: what each action realises here
+            flops = np.asarray(raw["flops"]) / self.costs.full[segment]
+        else:
+            flops = self.costs.ratios[segment]
         reward = (
             weights.alpha * fidelity - weights.beta * flops - weights.gamma * self._perturbations
         )
@@ -313,6 +359,7 @@ class DynamicRankEnv(gym.Env):
 
     def _state(self, segment: int, layer: int) -> StepState:
         left = self.wall.left(self._spent) if self.wall is not None else None
+        kept, cost = self._prev_cost[layer]
         return StepState(
             segment,
             layer,
@@ -321,6 +368,8 @@ class DynamicRankEnv(gym.Env):
             self._spent,
             left,
             self.steps - self._t,
+            kept,
+            cost,
         )
 
     def _observe(self, view) -> None:
@@ -342,11 +391,19 @@ class DynamicRankEnv(gym.Env):
             return self.wall.replacement(self._t, self._mask), True
         return int(np.flatnonzero(self._mask[index:])[0]) + index, True
 
-    def _record(self, rank, index, fidelity, raw, flops, flops_full, perturbation) -> None:
+    def _record(self, rank, index, fidelity, raw, flops, flops_full, perturbation, kept) -> None:
         layer = self._t % self.n_layers
         self._prev_rank[layer], self._prev_step_rank = rank, rank
         self._spent += flops
-        values = (index, fidelity, raw.get("cosine", np.nan), flops, flops_full, perturbation)
+        values = (
+            index,
+            fidelity,
+            raw.get("cosine", np.nan),
+            flops,
+            flops_full,
+            perturbation,
+            kept,
+        )
         for name, value in zip(self._log, values, strict=True):
             self._log[name].append(value)
         for name, value in raw.items():
@@ -363,6 +420,7 @@ class DynamicRankEnv(gym.Env):
             "flops_ratio": float(self._spent / spent_full),
             "flops_reduction": float(1.0 - self._spent / spent_full),
             "mean_perturbation": float(np.mean(self._log["perturbation"])),
+            "kept_fraction": float(np.mean(self._log["kept"])),
             "mean_rank": float(ranks.mean()),
             "masked_actions": self._masked,
             "ranks": ranks.tolist(),

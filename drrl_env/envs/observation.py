@@ -43,10 +43,14 @@ class ObservationLayout:
     Args:
         n_actions: Actions of the grid.
         budgeted: Episodes have a FLOPs budget (adds ``budget_left`` and ``steps_left``).
+        input_costs: The method's costs depend on the input (``topp``): adds what the layer
+            realised on the previous segment (kept fraction and FLOPs ratio), the cost
+            forecast of a policy; ``action_cost`` then holds each action's upper bound.
     """
 
     n_actions: int
     budgeted: bool = False
+    input_costs: bool = False
 
     @property
     def n_ranks(self) -> int:
@@ -93,6 +97,23 @@ class ObservationLayout:
                 "executed / exact attention FLOPs so far in the episode",
             ),
         ]
+        if self.input_costs:
+            features += [
+                Feature(
+                    "kept_prev_layer",
+                    1,
+                    0,
+                    1,
+                    "keys this layer attended on the previous segment / its causal keys",
+                ),
+                Feature(
+                    "cost_prev_layer",
+                    1,
+                    0,
+                    MAX_FLOPS_RATIO,
+                    "executed / exact FLOPs of this layer on the previous segment",
+                ),
+            ]
         if self.budgeted:
             features += [
                 Feature("budget_left", 1, 0, 1, "FLOPs budget left / exact FLOPs of the episode"),
@@ -151,6 +172,8 @@ class StepState:
     spent: float
     budget_left: float | None = None
     steps_left: int = 0
+    prev_kept_layer: float = 1.0
+    prev_cost_layer: float = 1.0
 
 
 class ObservationBuilder:
@@ -215,6 +238,13 @@ class ObservationBuilder:
             self.weight_stats[state.layer],
             [self.spent_ratio(state.spent)],
         ]
+        if self.layout.input_costs:
+            parts.append(
+                [
+                    min(max(state.prev_kept_layer, 0.0), 1.0),
+                    min(max(state.prev_cost_layer, 0.0), MAX_FLOPS_RATIO),
+                ]
+            )
         if self.layout.budgeted:
             parts.append(self.budget_features(state))
         return np.concatenate(parts).astype(np.float32), perturbations

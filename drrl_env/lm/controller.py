@@ -75,6 +75,7 @@ class LayerRecord:
     flops_full: FlopsBreakdown
     spectrum: np.ndarray
     input_stats: np.ndarray | None
+    kept: float = 1.0  # keys attended exactly / causal keys (realised; 1 for dense methods)
     terms: dict[str, float] = field(default_factory=dict)
     sweep: dict[str, np.ndarray] | None = None  # term -> (len(sweep settings),)
 
@@ -186,15 +187,17 @@ class AttentionController:
         output = self.method.attend(state, query, key, value, mask, scaling, setting)
         if self.record:
             shape = CallShape.of(query, key, new_keys=state["fresh"])
+            kept = self.method.executed_kept(state, shape, setting)
             record = LayerRecord(
                 layer=layer,
                 setting=setting,
                 queries=query.shape[2],
                 keys=key.shape[2],
-                flops=self.method.flops(shape, setting),
+                flops=self.method.executed_flops(state, shape, setting),
                 flops_full=exact_flops(shape),
                 spectrum=spectrum,
                 input_stats=stats,
+                kept=kept / shape.causal_total,
             )
             if self.probes:
                 context = StepContext(self.method, state, query, key, value, mask, scaling)

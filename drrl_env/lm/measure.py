@@ -8,7 +8,9 @@ A :class:`Probe` runs after the executed kernel of a layer call and writes into 
   fidelity) and, given the loss gradient of the window, the loss-aware estimates
   ``dnll_taylor`` and ``dnll_fisher`` (see :func:`loss_terms`);
 - :class:`SweepProbe` measures the same terms for every setting of a grid while the layer
-  keeps its executed (exact) output: teacher forcing, what the cached backend stores.
+  keeps its executed (exact) output: teacher forcing, what the cached backend stores. It
+  also records each setting's realised FLOPs (``flops``) and kept fraction of the causal
+  keys (``kept``), which depend on the input for methods such as ``topp``.
 
 :func:`loss_gradient` computes, with one forward and one backward pass at exact attention,
 the gradient of the window's mean next-token loss with respect to every layer's attention
@@ -25,7 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drrl_env.methods.base import AttentionMethod, Setting, exact_attention, full_attention
+from drrl_env.methods.base import (
+    AttentionMethod,
+    CallShape,
+    Setting,
+    exact_attention,
+    full_attention,
+)
 
 if TYPE_CHECKING:
     from drrl_env.lm.controller import LayerRecord
@@ -180,6 +188,10 @@ class SweepProbe:
             measured = context.terms(candidate, candidate_output, self.terms, self.gradient)
             for name, value in measured.items():
                 table[name][index] = value
+        shape = CallShape.of(context.query, context.key, new_keys=context.state["fresh"])
+        costs = context.method.sweep_costs(context.state, shape, list(self.settings))
+        table["flops"] = np.array([float(flops.total) for flops, _ in costs])
+        table["kept"] = np.array([kept / shape.causal_total for _, kept in costs])
         record.sweep = table
 
 

@@ -57,6 +57,19 @@ class WindowResult:
     nll_sum: float
     n_predicted: int
     sweep: dict[str, np.ndarray] | None = None  # term -> (S, L, A) teacher-forced, per setting
+    kept: np.ndarray | None = None  # (S, L) keys attended exactly / causal keys (realised)
+    comparison: TokenComparison | None = None  # against exact attention's next-token log-probs
+    logprobs: torch.Tensor | None = None  # (n_predicted, V) float32, when asked to keep them
+
+    @property
+    def mean_kl(self) -> float | None:
+        """Mean over predicted tokens of KL(exact || this run), nats; None if not compared."""
+        return None if self.comparison is None else self.comparison.mean_kl
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Fraction of predicted tokens whose argmax equals exact attention's."""
+        return None if self.comparison is None else self.comparison.top1_agreement
 
     @property
     def fidelity(self) -> np.ndarray:
@@ -81,6 +94,47 @@ class WindowResult:
     @property
     def mean_fidelity(self) -> float:
         return float(self.fidelity.mean())
+
+
+@dataclass
+class TokenComparison:
+    """Next-token distributions of a run against those of exact attention on the same window.
+
+    The measures of quantisation work (e.g. llama.cpp's KL-divergence mode): the mean over
+    predicted tokens of ``KL(exact || approx)`` (never negative, 0 when identical) and the
+    fraction of tokens whose most likely next token is the same.
+
+    Args:
+        reference: (n_predicted, V) float32 log-probs of exact attention
+            (:func:`exact_logprobs`).
+    """
+
+    reference: torch.Tensor
+    kl_sum: float = 0.0
+    agree: int = 0
+    count: int = 0
+
+    def update(self, start: int, logits: torch.Tensor) -> None:
+        """Compare the logits (T, V) of the positions ``start .. start + T - 1``."""
+        reference = self.reference[start : start + logits.shape[0]].to(logits.device)
+        if reference.shape != logits.shape:
+            raise ValueError(
+                f"reference log-probs {tuple(reference.shape)} do not match the logits "
+                f"{tuple(logits.shape)} at position {start}: another window or model?"
+            )
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (T, V)
+        kl = (reference.exp() * (reference - logprobs)).sum(dim=-1)  # (T,)
+        self.kl_sum += float(kl.clamp_min(0.0).sum())
+        self.agree += int((reference.argmax(dim=-1) == logprobs.argmax(dim=-1)).sum())
+        self.count += logits.shape[0]
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / max(self.count, 1)
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.agree / max(self.count, 1)
 
 
 def segment_bounds(n_tokens: int, segment_length: int) -> list[tuple[int, int]]:
@@ -186,6 +240,8 @@ def forward_segments(
     segment_length: int,
     controller: AttentionController,
     on_segment: Callable[[int], None] | None = None,
+    comparison: TokenComparison | None = None,
+    logprobs: list[torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """Feed a window segment by segment over the KV cache with ``controller`` active.
 
@@ -195,6 +251,8 @@ def forward_segments(
         segment_length: Tokens per segment (the last segment may be shorter).
         controller: Active for the window (in the current context only).
         on_segment: Called with the segment index before each segment runs.
+        comparison: Compares each segment's next-token distributions with exact attention's.
+        logprobs: Receives each segment's next-token log-probs (T, V) float32 on the CPU.
 
     Returns:
         The summed negative log-likelihood of the predicted tokens and their number.
@@ -211,6 +269,10 @@ def forward_segments(
             targets = ids[start + 1 : stop + 1]
             logits = out.logits[0, : targets.numel()].float()
             nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            if comparison is not None:
+                comparison.update(start, logits)
+            if logprobs is not None:
+                logprobs.append(F.log_softmax(logits, dim=-1).cpu())
     return nll_sum, ids.numel() - 1
 
 
@@ -226,6 +288,8 @@ def run_window(
     keep: float = 1.0,
     terms: Sequence[str] = ("cosine",),
     gradient: LossGradient | None = None,
+    reference: torch.Tensor | None = None,
+    keep_logprobs: bool = False,
 ) -> WindowResult:
     """Run one window segment by segment with a setting per (segment, layer).
 
@@ -245,6 +309,10 @@ def run_window(
             (:data:`drrl_env.lm.measure.TERMS`).
         gradient: The window's :func:`~drrl_env.lm.measure.loss_gradient`, for the
             loss-aware terms.
+        reference: Exact attention's next-token log-probs of the window
+            (:func:`exact_logprobs`): the result then holds the mean token KL and top-1
+            agreement against them.
+        keep_logprobs: Keep this run's next-token log-probs in the result.
 
     Returns:
         A :class:`WindowResult`.
@@ -273,8 +341,12 @@ def run_window(
     if sweep is not None:
         probes.append(SweepProbe([controller.as_setting(s) for s in sweep], terms, gradient))
     controller.probes = probes
-    nll_sum, n_predicted = forward_segments(lm, ids, segment_length, controller, on_segment)
-    return collect(
+    comparison = None if reference is None else TokenComparison(reference)
+    logprobs: list[torch.Tensor] | None = [] if keep_logprobs else None
+    nll_sum, n_predicted = forward_segments(
+        lm, ids, segment_length, controller, on_segment, comparison, logprobs
+    )
+    result = collect(
         controller.records,
         attention.name,
         segment_length,
@@ -283,6 +355,22 @@ def run_window(
         nll_sum,
         n_predicted,
     )
+    result.comparison = comparison
+    if logprobs is not None:
+        result.logprobs = torch.cat(logprobs)
+    return result
+
+
+def exact_logprobs(
+    lm: LoadedModel, tokens, segment_length: int
+) -> tuple[WindowResult, torch.Tensor]:
+    """The window at exact attention and its next-token log-probs (n_predicted, V) float32.
+
+    The reference of :class:`TokenComparison`: the same segment-wise pass over the KV cache
+    as every approximate run, so an exact setting compares at KL 0 and agreement 1.
+    """
+    result = run_window(lm, tokens, segment_length, "full", keep_logprobs=True)
+    return result, result.logprobs
 
 
 def collect(
@@ -314,6 +402,7 @@ def collect(
         nll_sum=nll_sum,
         n_predicted=n_predicted,
         sweep=sweep,
+        kept=grid([r.kept for r in records]).astype(np.float64),
     )
 
 
@@ -338,10 +427,16 @@ class LiveWindow:
         keep: float = 1.0,
         terms: Sequence[str] = ("cosine",),
         gradient: LossGradient | None = None,
+        reference: torch.Tensor | None = None,
     ) -> None:
         self.lm, self.tokens, self.segment_length = lm, tokens, segment_length
         self.method = resolve_method(lm, method, basis)
-        self._options = {"keep": keep, "terms": terms, "gradient": gradient}
+        self._options = {
+            "keep": keep,
+            "terms": terms,
+            "gradient": gradient,
+            "reference": reference,
+        }
         self._records: list[LayerRecord] = []
         self._worker: greenlet | None = None
         self.segment = 0

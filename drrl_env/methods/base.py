@@ -10,6 +10,13 @@ returns the spectrum the observation shows), an eager reference kernel
 (:meth:`AttentionMethod.flops`). The observation's features are executed work too: they
 are counted in the ``features`` stage at every call, whatever the setting.
 
+Most methods have a static cost: their FLOPs and kept keys are functions of the call shape
+and the setting alone (:attr:`AttentionMethod.static_cost`). A method whose work depends on
+the data (``topp`` keeps as many keys as the estimated attention mass asks for) reports an
+upper bound from :meth:`AttentionMethod.flops` and :meth:`AttentionMethod.kept_total`, and
+the realised counts of its last call from :meth:`AttentionMethod.executed_flops`,
+:meth:`AttentionMethod.executed_kept` and :meth:`AttentionMethod.sweep_costs`.
+
 Shapes (nanoGPT style): queries ``(B, H, T, d)``; keys and values ``(B, Hkv, N, d)``,
 un-repeated for grouped-query attention; the additive mask ``(B, 1, T, N)``. ``T``
 queries are the last ``T`` of the ``N`` keys (causal): query ``i`` sees ``N - T + i + 1``
@@ -35,7 +42,8 @@ class Setting:
     Attributes:
         rank: Inner dimension of the query-key scores (or of the key selection), ``1..d``.
         keep: Fraction of each query's causal keys attended exactly (sparse methods);
-            1 keeps every key. ``rank == d`` with ``keep == 1`` is exact attention.
+            1 keeps every key. ``rank == d`` with ``keep == 1`` is exact attention. For
+            ``topp`` it is the attention mass ``p`` the kept keys must reach (0 allowed).
     """
 
     rank: int
@@ -94,6 +102,11 @@ class CallShape:
     def causal_keys(self) -> np.ndarray:
         """Keys visible to each query, shape (T,): ``N - T + i + 1``."""
         return np.arange(self.keys - self.queries + 1, self.keys + 1, dtype=np.int64)
+
+    @property
+    def causal_total(self) -> int:
+        """Keys exact attention attends, summed over sequences, query heads and queries."""
+        return self.batch * self.heads * int(self.causal_keys().sum())
 
     @classmethod
     def of(cls, query: torch.Tensor, key: torch.Tensor, new_keys: int | None = None) -> CallShape:
@@ -228,6 +241,20 @@ class AttentionMethod:
     """Which calibrated bases: ``query_head`` or ``kv_head`` (drrl_env.lm.calibration)."""
     version: ClassVar[int] = 1
     """Revision of what the method computes; caches of its results are keyed on it."""
+    static_cost: ClassVar[bool] = True
+    """Whether executed FLOPs and kept keys are functions of (call shape, setting) alone.
+
+    When False, :meth:`flops` and :meth:`kept_total` are upper bounds and the realised
+    counts of a call come from :meth:`executed_flops` and :meth:`executed_kept`.
+    """
+    keep_allows_zero: ClassVar[bool] = False
+    """Whether ``Setting.keep == 0`` is a valid setting (``topp``: the fewest keys only)."""
+    selects_at_full_rank: ClassVar[bool] = False
+    """Whether an environment's grid offers rank ``d`` with ``keep < 1`` (selection on exact
+    scores, the upper bound of a selecting method)."""
+    default_keeps: ClassVar[tuple[float, ...] | None] = None
+    """The keep values of an environment's grid when the config names none (sparse
+    methods; None: ``drrl_env.envs.config.DEFAULT_KEEP``)."""
 
     def __init__(self, head_dim: int, n_layers: int) -> None:
         self.head_dim = int(head_dim)
@@ -242,8 +269,11 @@ class AttentionMethod:
             raise ValueError(f"rank={rank!r} must be an integer in 1..{self.head_dim}")
         if not 1 <= rank <= self.head_dim:
             raise ValueError(f"rank={rank!r} must be an integer in 1..{self.head_dim}")
-        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
-            raise ValueError(f"keep={keep!r} must be a number in (0, 1]")
+        allowed = "[0, 1]" if self.keep_allows_zero else "(0, 1]"
+        if isinstance(keep, bool) or not isinstance(keep, int | float):
+            raise ValueError(f"keep={keep!r} must be a number in {allowed}")
+        if not ((0 <= keep if self.keep_allows_zero else 0 < keep) and keep <= 1):
+            raise ValueError(f"keep={keep!r} must be a number in {allowed}")
         if keep < 1 and not self.uses_keep:
             raise ValueError(f"method {self.name!r} keeps every key: keep must be 1, got {keep}")
         return Setting(int(rank), float(keep))
@@ -363,7 +393,11 @@ class AttentionMethod:
         return exact_flops(shape)
 
     def flops(self, shape: CallShape, setting: Setting) -> FlopsBreakdown:
-        """Executed FLOPs of one call at ``setting``: features plus the setting's kernel."""
+        """Executed FLOPs of one call at ``setting``: features plus the setting's kernel.
+
+        For a method without :attr:`static_cost` an upper bound (what static cost tables
+        and budgets use); the realised count of a call is :meth:`executed_flops`.
+        """
         setting = self.check_setting(setting)
         run = (
             exact_flops(shape)
@@ -371,6 +405,40 @@ class AttentionMethod:
             else self.setting_flops(shape, setting)
         )
         return self.feature_flops(shape) + run
+
+    def kept_total(self, shape: CallShape, setting: Setting) -> int:
+        """Keys attended exactly, summed over sequences, query heads and queries.
+
+        The default keeps every causal key. For a method without :attr:`static_cost`, an
+        upper bound (the realised count is :meth:`executed_kept`).
+        """
+        self.check_setting(setting)
+        return shape.causal_total
+
+    def executed_flops(
+        self, state: dict[str, Any], shape: CallShape, setting: Setting
+    ) -> FlopsBreakdown:
+        """Realised FLOPs of the last :meth:`attend` call made with ``state`` at ``setting``.
+
+        Static methods: :meth:`flops`.
+        """
+        return self.flops(shape, setting)
+
+    def executed_kept(self, state: dict[str, Any], shape: CallShape, setting: Setting) -> int:
+        """Realised kept total (as :meth:`kept_total`) of the last :meth:`attend` with ``state``.
+
+        Static methods: :meth:`kept_total`.
+        """
+        return self.kept_total(shape, setting)
+
+    def sweep_costs(
+        self, state: dict[str, Any], shape: CallShape, settings: list[Setting]
+    ) -> list[tuple[FlopsBreakdown, int]]:
+        """Realised (FLOPs, kept total) of each of ``settings`` after :meth:`sweep_outputs`.
+
+        Static methods: (:meth:`flops`, :meth:`kept_total`) of each setting.
+        """
+        return [(self.flops(shape, s), self.kept_total(shape, s)) for s in settings]
 
 
 def check_option(name: str, value: object) -> int:

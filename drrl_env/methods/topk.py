@@ -206,6 +206,15 @@ class TopKMethod(KVHeadCalibratedMethod):
             )
         )
 
+    def kept_total(self, shape: CallShape, setting: Setting) -> int:
+        """Keys attended exactly (:func:`kept_keys` per query, no chunk padding), all heads."""
+        setting = self.check_setting(setting)
+        if setting.is_exact(self.head_dim):
+            return super().kept_total(shape, setting)
+        window = shape.keys if self.keep_of == "window" else None
+        kept = kept_keys(shape.causal_keys(), setting.keep, self.min_keys, window)  # (T,)
+        return shape.heads * shape.batch * int(kept.sum())
+
     def setting_flops(self, shape: CallShape, setting: Setting) -> FlopsBreakdown:
         d, t, n, r, h = shape.head_dim, shape.queries, shape.keys, setting.rank, shape.heads
         gathered = self.gathered_keys(shape, setting.keep)

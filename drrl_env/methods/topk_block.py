@@ -142,6 +142,20 @@ class TopKBlockMethod(KVHeadCalibratedMethod):
             self.reference(state, query, key, value, mask, scaling, setting) for setting in settings
         ]
 
+    def kept_total(self, shape: CallShape, setting: Setting) -> int:
+        """Causal keys inside the kept blocks, summed over sequences, query heads and queries.
+
+        Every kept block is wholly in the queries' past but the diagonal one (always kept),
+        in which the ``block`` queries see ``block (block + 1) / 2`` keys.
+        """
+        setting = self.check_setting(setting)
+        if setting.is_exact(self.head_dim):
+            return super().kept_total(shape, setting)
+        _, k_blocks, visible = self._blocks_of(shape.queries, shape.keys)
+        kept = kept_blocks(visible, setting.keep, self.min_blocks, k_blocks)  # (QB,)
+        per_block = (kept - 1) * self.block**2 + self.block * (self.block + 1) // 2
+        return shape.heads * shape.batch * int(per_block.sum())
+
     def setting_flops(self, shape: CallShape, setting: Setting) -> FlopsBreakdown:
         d, t, n, r, h = shape.head_dim, shape.queries, shape.keys, setting.rank, shape.heads
         _, k_blocks, visible = self._blocks_of(t, n)

@@ -42,13 +42,23 @@ class LayerView:
 class CostTable:
     """Executed and exact attention FLOPs of one layer call, per segment and action.
 
+    For a method whose cost depends on the input (``static == False``, e.g. ``topp``, whose
+    kept keys follow the attention mass), ``executed`` is an upper bound of what an action
+    can execute (every causal key kept; its floor action ``keep = 0`` is exact), the bound
+    the budget wall plans with; the realised FLOPs and kept fraction of each step come from
+    the backend (``execute`` returns them as ``flops`` and ``kept``).
+
     Attributes:
         executed: (S, A) FLOPs of each action at each segment (features included).
         full: (S,) FLOPs of exact attention at each segment.
+        kept: (S, A) keys attended exactly / causal keys (static methods; the bound else).
+        static: Whether ``executed`` is what every call executes.
     """
 
     executed: np.ndarray
     full: np.ndarray
+    kept: np.ndarray | None = None
+    static: bool = True
 
     @property
     def ratios(self) -> np.ndarray:
@@ -79,7 +89,11 @@ class Backend(Protocol):
         """Start ``window``; return the view of its first layer call."""
 
     def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
-        """Run ``action`` at (segment, layer); return its raw measurements (drrl_env.rewards)."""
+        """Run ``action`` at (segment, layer); return its raw measurements (drrl_env.rewards).
+
+        With input-dependent costs (``costs.static`` False) also ``flops`` (realised FLOPs
+        of the call) and ``kept`` (its kept fraction of the causal keys).
+        """
 
     def view(self) -> LayerView:
         """The view of the next layer call (after :meth:`execute`)."""

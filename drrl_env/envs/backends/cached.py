@@ -11,7 +11,9 @@ stepping needs neither torch nor the model.
 
 Per window (shard): ``tokens`` (seq_len,), the raw terms ``cosine``, ``dnll_taylor`` and
 ``dnll_fisher`` (S, L, A), ``spectra`` (S, L, d), ``input_stats`` (S, L, 3), ``nll_full``
-and ``mean_nll`` (exact attention). Shared: ``shape``, ``actions`` (A, 2),
+and ``mean_nll`` (exact attention); for a method whose cost depends on the input
+(``topp``) also ``flops`` (S, L, A), the FLOPs each action realised, and ``kept`` (S, L, A),
+its kept fraction of the causal keys. Shared: ``shape``, ``actions`` (A, 2),
 ``costs``/``flops_full`` (the :class:`~drrl_env.envs.backends.base.CostTable`),
 ``weight_stats`` (L, 3) and ``split_windows`` (windows the split holds).
 """
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from drrl_env.envs.actions import ActionGrid
-from drrl_env.envs.backends.base import CostTable, LayerView, ModelShape
+from drrl_env.envs.backends.base import LayerView, ModelShape
 from drrl_env.envs.backends.resources import (
     build_method,
     cache_root,
@@ -35,6 +37,7 @@ from drrl_env.envs.backends.resources import (
     shared_model,
     weight_statistics,
 )
+from drrl_env.envs.budget import BudgetWall
 from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.observation import check_finite
 from drrl_env.rewards import RAW_TERMS
@@ -170,6 +173,8 @@ def window_builder(config: EnvConfig, threads: int | None = None):
             gradient=gradient,
         )
         arrays = {name: result.sweep[name] for name in RAW_TERMS}
+        if not method.static_cost:
+            arrays.update(flops=result.sweep["flops"], kept=result.sweep["kept"])
         return {
             "tokens": np.asarray(tokens[window], dtype=np.int64),
             **arrays,
@@ -187,20 +192,36 @@ class CachedBackend:
 
     def __init__(self, config: EnvConfig) -> None:
         cache = RolloutCache(config)
-        if cache.missing() != []:
-            cache.build()
+        if not cache.store.has_shared():
+            cache.store.check_writable()
+            cache.write_shared()
         shared = cache.store.read_shared(mmap=False)
         self.shape = ModelShape(*(int(x) for x in shared["shape"]))
         self.actions = ActionGrid.from_array(shared["actions"], self.shape.head_dim)
         expected = ActionGrid.from_config(config, self.shape.head_dim)
         if self.actions != expected:
             raise ValueError(f"cache {cache.store.folder} holds another action grid")
-        self.costs = CostTable(np.asarray(shared["costs"]), np.asarray(shared["flops_full"]))
+        self.costs = cost_table(build_method(config, self.shape), config, self.shape, self.actions)
+        for name, stored, computed in (
+            ("costs", shared["costs"], self.costs.executed),
+            ("flops_full", shared["flops_full"], self.costs.full),
+        ):
+            if np.shape(stored) != computed.shape or not np.array_equal(stored, computed):
+                raise ValueError(
+                    f"the cached {name} of {cache.store.folder} differ from the FLOPs count of "
+                    f"method {config.method!r}: a damaged cache; delete that folder to rebuild"
+                )
+        if config.budget is not None:
+            # The floor follows from the cost table: refuse before building any rollout.
+            BudgetWall(self.costs, self.shape.n_layers, config.budget)
+        if cache.missing() != []:
+            cache.build()
         self.weight_stats = np.asarray(shared["weight_stats"])
         check_finite("cached weight_stats", self.weight_stats)
         self.n_windows = len(cache.wanted())
         self.cache = cache
         self.tokens = np.stack([cache.store.read_shard(i)["tokens"] for i in range(self.n_windows)])
+        self.terms = RAW_TERMS if self.costs.static else (*RAW_TERMS, "flops", "kept")
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
         self._window, self._next = 0, (0, 0)
 
@@ -229,7 +250,7 @@ class CachedBackend:
 
     def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
         shard = self._shard()
-        raw = {name: float(shard[name][segment, layer, action]) for name in RAW_TERMS}
+        raw = {name: float(shard[name][segment, layer, action]) for name in self.terms}
         self._next = (
             segment + (layer + 1) // self.shape.n_layers,
             (layer + 1) % self.shape.n_layers,
@@ -238,7 +259,7 @@ class CachedBackend:
 
     def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
         shard = self._shard()
-        return {name: np.asarray(shard[name][segment, layer]) for name in RAW_TERMS}
+        return {name: np.asarray(shard[name][segment, layer]) for name in self.terms}
 
     def finish(self) -> dict:
         shard = self._shard()

@@ -1,13 +1,19 @@
 """The live backend: steps run the frozen model closed loop, one layer call at a time.
 
 The settings chosen so far change the inputs of later layers, so errors compound, and the
-window's perplexity at the end is real. Several live environments of one process share the
-model (each window runs in a greenlet of its own, with its own controller).
+window's perplexity at the end is real, as are its mean token KL divergence to exact
+attention and its top-1 agreement with it (against exact attention's next-token log-probs
+of the same window, computed once per window with one exact pass). Several live
+environments of one process share the model (each window runs in a greenlet of its own,
+with its own controller).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
+import torch
 
 from drrl_env.envs.actions import ActionGrid
 from drrl_env.envs.backends.base import LayerView
@@ -21,6 +27,9 @@ from drrl_env.envs.backends.resources import (
 )
 from drrl_env.envs.config import EnvConfig
 from drrl_env.rewards import fidelity_term
+
+REFERENCE_BYTES = 1 << 30
+"""Exact next-token log-probs kept per live backend (the last windows' references)."""
 
 
 class LiveBackend:
@@ -38,9 +47,11 @@ class LiveBackend:
         self.costs = cost_table(self.method, config, self.shape, self.actions)
         raw = fidelity_term(config.fidelity).raw
         self.terms = ("cosine",) if raw == "cosine" else ("cosine", raw)
+        self.static_cost = self.method.static_cost
         self._live = None
         self._request = None
         self._full: dict[int, tuple[float, float]] = {}
+        self._references: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._window = 0
 
     def __getstate__(self):
@@ -65,6 +76,7 @@ class LiveBackend:
             self.method,
             terms=self.terms,
             gradient=gradient,
+            reference=self.reference(window),
         )
         self._request = self._live.start()
         return self.view()
@@ -74,7 +86,10 @@ class LiveBackend:
 
     def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
         record, self._request = self._live.step(self.actions.settings[action])
-        return dict(record.terms)
+        raw = dict(record.terms)
+        if not self.static_cost:
+            raw.update(flops=float(record.flops.total), kept=float(record.kept))
+        return raw
 
     def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
         raise RuntimeError(
@@ -82,13 +97,30 @@ class LiveBackend:
             "backend='cached'"
         )
 
+    def reference(self, window: int) -> torch.Tensor:
+        """Exact attention's next-token log-probs of ``window`` (n_predicted, V).
+
+        Computed with one exact pass, which also gives :meth:`full_rank`; the references of
+        the last windows are kept up to :data:`REFERENCE_BYTES`.
+        """
+        from drrl_env.lm.runner import exact_logprobs
+
+        if window in self._references:
+            self._references.move_to_end(window)
+            return self._references[window]
+        result, logprobs = exact_logprobs(self.lm, self.tokens[window], self.config.segment_length)
+        self._full[window] = (result.perplexity, result.nll_sum / result.n_predicted)
+        self._references[window] = logprobs
+        while len(self._references) > 1 and (
+            sum(r.numel() * r.element_size() for r in self._references.values()) > REFERENCE_BYTES
+        ):
+            self._references.popitem(last=False)
+        return logprobs
+
     def full_rank(self, window: int) -> tuple[float, float]:
         """(perplexity, mean NLL) of ``window`` at exact attention (computed once)."""
-        from drrl_env.lm.runner import run_window
-
         if window not in self._full:
-            result = run_window(self.lm, self.tokens[window], self.config.segment_length, "full")
-            self._full[window] = (result.perplexity, result.nll_sum / result.n_predicted)
+            self.reference(window)
         return self._full[window]
 
     def finish(self) -> dict:
@@ -99,6 +131,8 @@ class LiveBackend:
             "perplexity_full": perplexity_full,
             "mean_nll": result.nll_sum / result.n_predicted,
             "mean_nll_full": mean_nll_full,
+            "mean_kl": result.mean_kl,
+            "top1_agreement": result.top1_agreement,
         }
 
     def close(self) -> None:

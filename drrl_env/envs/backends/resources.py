@@ -1,8 +1,9 @@
 """What both backends share: the model of a process, its facts, windows, bases, costs, keys.
 
 Everything computed once is keyed on what it depends on: the model's weights and tokenizer
-(:func:`drrl_env.lm.models.model_fingerprint`, from file sizes, times and content samples),
-the text's content (:func:`drrl_env.data.source_fingerprint`), and the configuration
+(:func:`drrl_env.lm.models.model_fingerprint`, from full-content hashes of its weight,
+config and tokenizer files), the text's content (:func:`drrl_env.data.source_fingerprint`),
+and the configuration
 fields that change numbers. Overwriting a model folder or a corpus file changes the key, so
 a stale cache is never served.
 """
@@ -131,11 +132,16 @@ def build_method(config: EnvConfig, shape: ModelShape, lm=None):
 
 
 def cost_table(method, config: EnvConfig, shape: ModelShape, actions: ActionGrid) -> CostTable:
-    """FLOPs of one layer call at every segment and action (queries over the KV cache)."""
+    """FLOPs of one layer call at every segment and action (queries over the KV cache).
+
+    For a method with input-dependent costs these are its upper bounds (see
+    :class:`~drrl_env.envs.backends.base.CostTable`).
+    """
     from drrl_env.methods.base import CallShape, exact_flops
 
     t = config.segment_length
     executed = np.zeros((config.n_segments, len(actions)))
+    kept = np.zeros((config.n_segments, len(actions)))
     full = np.zeros(config.n_segments)
     for segment in range(config.n_segments):
         call = CallShape(
@@ -144,4 +150,5 @@ def cost_table(method, config: EnvConfig, shape: ModelShape, actions: ActionGrid
         full[segment] = exact_flops(call).total
         for index, setting in enumerate(actions.settings):
             executed[segment, index] = method.flops(call, setting).total
-    return CostTable(executed, full)
+            kept[segment, index] = method.kept_total(call, setting) / call.causal_total
+    return CostTable(executed, full, kept, method.static_cost)
