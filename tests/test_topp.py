@@ -326,3 +326,38 @@ def test_topp_options_are_checked():
         build(query_chunk=0)
     assert build().min_keys == MIN_KEYS
     assert np.isclose(build().query_chunk, 64)
+
+
+@pytest.mark.parametrize("mass", [0.0, 0.5, 0.95])
+def test_partial_selection_keeps_what_a_full_sort_keeps(mass, monkeypatch):
+    """Rows of 600 keys: the partial top-k round (and its fall-back to a full sort) keeps
+    exactly the keys a full sort of every row keeps, whether the estimate is peaked (one
+    partial round suffices) or flat (some chunks need the full sort); on the peaked rows
+    also exactly what the row-by-row hand selection keeps."""
+    import drrl_env.methods.topp as topp
+
+    torch.manual_seed(3)
+    n_keys, queries = 600, 70  # more keys than FIRST_CANDIDATES, two query chunks
+    key = torch.randn(1, HKV, n_keys, D)
+    value = torch.randn(1, HKV, n_keys, D)
+    mask = torch.zeros(1, 1, queries, n_keys)
+    i = torch.arange(queries)[:, None] + (n_keys - queries)
+    mask[0, 0][torch.arange(n_keys)[None] > i] = torch.finfo(torch.float32).min
+    for scale in (4.0, 0.3):  # peaked, then flat estimated attention
+        query = torch.randn(1, H, queries, D) * scale
+        method = build(seed=11, min_keys=8)
+        state = observed(method, query, key)
+        kept, totals = method.selected(state, query, mask, SCALING, 6, [mass])
+        with monkeypatch.context() as patch:
+            patch.setattr(topp, "FIRST_CANDIDATES", n_keys)  # every chunk sorted whole
+            sorted_kept, sorted_totals = (
+                method.selected(state, query, mask.clone(), SCALING, 6, [mass])
+                if mass > 0
+                else (kept, totals)
+            )
+        assert torch.equal(kept[mass], sorted_kept[mass]) and totals == sorted_totals
+        if scale > 1:
+            expected = expected_kept(method, query, key, mask, Setting(6, mass))
+            assert torch.equal(kept[mass], expected)
+        output = method.attend(state, query, key, value, mask, SCALING, Setting(6, mass))
+        torch.testing.assert_close(output, dense_attention_on(kept[mass], query, key, value), **TOL)
