@@ -20,8 +20,10 @@ estimate) and is not exact; ``Setting(d, 1)`` is exact attention.
 Executed FLOPs per query head, summed over heads and sequences, with ``k_i`` keys kept by
 query ``i``: ``2 T d r`` (rotate queries, ``projections``) + ``2 T N r`` (selection scores,
 ``scores``) + ``T N (5 + ceil(log2 N) + 1)`` (``selection``: softmax of the estimate, the
-sort as ``N ceil(log2 N)`` comparisons per row, the cumulative sum; the sort runs at
-``p = 0`` too) + ``sum_i 2 k_i d`` (exact scores on the kept keys, ``scores``) + ``sum_i
+ordering of each row counted as one full sort, ``N ceil(log2 N)`` comparisons, and the
+cumulative sum; counted at ``p = 0`` too. The CPU kernel orders rows with a partial top-k
+first and sorts a chunk whole only when the mass is not reached, so it may run fewer or
+more comparisons than this count; the kept keys are those of a full sort) + ``sum_i 2 k_i d`` (exact scores on the kept keys, ``scores``) + ``sum_i
 5 k_i`` (``softmax``) + ``sum_i 2 k_i d`` (``output``), plus the rotation of each new key
 once (``features``). Only kept keys count (the sparse kernel's count, no padding).
 
