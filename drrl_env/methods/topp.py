@@ -23,9 +23,10 @@ query ``i``: ``2 T d r`` (rotate queries, ``projections``) + ``2 T N r`` (select
 ordering of each row counted as one full sort, ``N ceil(log2 N)`` comparisons, and the
 cumulative sum; counted at ``p = 0`` too. The CPU kernel orders rows with a partial top-k
 first and sorts a chunk whole only when the mass is not reached, so it may run fewer or
-more comparisons than this count; the kept keys are those of a full sort) + ``sum_i 2 k_i d`` (exact scores on the kept keys, ``scores``) + ``sum_i
-5 k_i`` (``softmax``) + ``sum_i 2 k_i d`` (``output``), plus the rotation of each new key
-once (``features``). Only kept keys count (the sparse kernel's count, no padding).
+more comparisons than this count; the kept keys are those of a full sort) + ``sum_i
+2 k_i d`` (exact scores on the kept keys, ``scores``) + ``sum_i 5 k_i`` (``softmax``) +
+``sum_i 2 k_i d`` (``output``), plus the rotation of each new key once (``features``).
+Only kept keys count (the sparse kernel's count, no padding).
 
 The cost depends on the data, so :attr:`TopPMethod.static_cost` is False: :meth:`flops`
 and :meth:`kept_total` give the upper bound (every causal key kept; at ``p = 0`` the exact
