@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,13 @@ from agents.baselines import GreedyOraclePolicy, SchedulePolicy, make_baseline
 from agents.budget_baselines import BUDGET_BASELINES as BUDGET_BASELINES_BY_NAME
 from agents.budget_baselines import LagrangianGreedyPolicy, dp_schedule
 from agents.callbacks import RankMetricsCallback
-from agents.evaluation import COLUMNS, evaluate_policy_on_windows, predict_action, write_csv
+from agents.evaluation import (
+    COLUMNS,
+    evaluate_policy_on_windows,
+    full_attention_flops,
+    predict_action,
+    write_csv,
+)
 from agents.factory import ALGOS, POLICIES, make_agent, save_agent
 from agents.reporting import pareto_plot, summary_table, write_markdown
 from agents.runs import (
@@ -49,6 +56,7 @@ from agents.runs import (
     check_device,
     check_executor,
     check_run_name,
+    check_seeds,
     check_unique,
     execute,
     write_atomic,
@@ -149,12 +157,10 @@ class Args:
                 )
         check_unique("methods", self.methods)
         check_unique("agents", [":".join(parse_agent(spec)) for spec in self.agents])
-        check_unique("seeds", self.seeds)
+        check_seeds("seeds", self.seeds)
         for name in ("total_timesteps", "train_windows", "eval_windows", "threads", "n_envs"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.seeds:
-            raise ArgumentError("seeds must name at least one seed")
         for rank in self.static_ranks or ():
             if rank < 1:
                 raise ArgumentError(f"static_ranks: {rank} is not a rank (>= 1)")
@@ -253,12 +259,6 @@ def eval_env(args: Args, method: str) -> gym.Env:
         max_windows=args.eval_windows,
         **args.env_kwargs(method),
     )
-
-
-def full_attention_flops(live: gym.Env) -> float:
-    """Full-rank attention FLOPs of one episode of ``live``."""
-    base = live.unwrapped
-    return float(base.backend_flops_full_per_layer().sum() * base.n_layers)
 
 
 def run_trial(trial: Trial, args: Args) -> dict[str, Any]:
@@ -374,14 +374,57 @@ def baseline_names(args: Args, grid: tuple[int, ...], method: str | None = None)
     """The baselines of one method, in table order."""
     if method is not None and budgeted(args, method):
         return list(BUDGET_BASELINES)
-    ranks = grid[:-1] if args.static_ranks is None else args.static_ranks
+    return _unbudgeted_baselines(args.static_ranks, args.energy_taus, grid)
+
+
+def _unbudgeted_baselines(
+    static_ranks: Sequence[int] | None, energy_taus: Sequence[float], grid: Sequence[int]
+) -> list[str]:
+    ranks = grid[:-1] if static_ranks is None else static_ranks
     return [
         "full_rank",
-        *(f"static_{rank}" for rank in ranks),
-        *(f"energy_{tau:g}" for tau in args.energy_taus),
+        *(f"static_{int(rank)}" for rank in ranks),
+        *(f"energy_{float(tau):g}" for tau in energy_taus),
         "uniform_random",
         "greedy_oracle",
     ]
+
+
+RUN_ARGS = ("methods", "agents", "seeds", "static_ranks", "energy_taus")
+"""The arguments in a run's ``config.json`` that say which rows it holds."""
+
+
+def planned_keys(
+    recorded: Mapping[str, Any], method: str, grid: Sequence[int], budgeted: bool
+) -> set[tuple[str, str, int]]:
+    """``(kind, policy, seed)`` of every trial and baseline of ``method`` in a run.
+
+    Args:
+        recorded: The run's arguments, as its ``config.json`` records them (``args``).
+        method: One of the run's methods.
+        grid: The rank grid of the method's env (for ``static_ranks=None``).
+        budgeted: Whether the method's env has a FLOPs budget (budget baselines).
+
+    Raises:
+        ValueError: ``recorded`` lacks one of :data:`RUN_ARGS` or holds a malformed one.
+    """
+    missing = [name for name in RUN_ARGS if name not in recorded]
+    if missing:
+        raise ValueError(f"the run's arguments lack {missing}: not a compare_agents run")
+    try:
+        keys = {
+            ("rl", "_".join(parse_agent(str(spec))), int(seed))
+            for spec in recorded["agents"]
+            for seed in recorded["seeds"]
+        }
+        names = (
+            BUDGET_BASELINES
+            if budgeted
+            else _unbudgeted_baselines(recorded["static_ranks"], recorded["energy_taus"], grid)
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the run's arguments are malformed: {error}") from None
+    return keys | {("baseline", name, 0) for name in names}
 
 
 def cached_env(args: Args, method: str, split: str) -> gym.Env:

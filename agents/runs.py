@@ -102,6 +102,31 @@ def check_unique(name: str, values: Sequence[Any]) -> None:
         seen.add(value)
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed every seeded library takes (NumPy's legacy ``np.random.seed``)."""
+
+
+def check_seeds(name: str, seeds: Sequence[Any]) -> tuple[int, ...]:
+    """Return ``seeds`` if they are at least one, each an int in 0..:data:`MAX_SEED`, unique.
+
+    Raises:
+        ArgumentError: No seed, a seed that is not an int (a bool is not), one outside
+            0..:data:`MAX_SEED`, or one given twice; the message names ``name`` and the seed.
+    """
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence):
+        raise ArgumentError(f"{name} must be a sequence of ints, got {seeds!r}")
+    if not seeds:
+        raise ArgumentError(f"{name} must name at least one seed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ArgumentError(
+                f"{name}: {seed!r} ({type(seed).__name__}) is not a seed; seeds are ints in "
+                f"0..{MAX_SEED} (the range NumPy, PyTorch and Gymnasium all accept)"
+            )
+    check_unique(name, seeds)
+    return tuple(seeds)
+
+
 def check_executor(executor: str, address: str | None, ray_num_cpus: int | None) -> None:
     """Raise ArgumentError for an unknown executor, Ray options without Ray, or Ray missing.
 

@@ -14,6 +14,8 @@ or, without importing first, ``gym.make("drrl_env:DRRL-Wikitext-v0")``.
 from __future__ import annotations
 
 import multiprocessing.forkserver
+import os
+import sys
 
 from gymnasium.envs.registration import register, registry
 
@@ -80,3 +82,24 @@ def _preload_in_forkserver_workers() -> None:
 
 
 _preload_in_forkserver_workers()
+
+
+def _one_torch_thread_after_fork() -> None:
+    """In a forked child of a process that imported torch: one intra-op torch thread.
+
+    torch's CPU kernels run on a GNU OpenMP thread pool, which does not survive ``fork``: a
+    child forked after the parent ran a multi-threaded kernel waits forever at its first
+    parallel kernel for threads that were never copied. Live envs run the model in the
+    process that makes them, and ``gym.make_vec(..., vectorization_mode="async")`` builds
+    one there before it forks its workers (``fork`` is the default start method on Linux),
+    so ``DRRL-*-Live-*`` workers hung. One thread runs every kernel inline, without the pool
+    (what PyTorch's own DataLoader workers do); a worker may raise it again with
+    ``torch.set_num_threads`` only if its parent never ran a parallel kernel.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_torch_thread_after_fork)

@@ -39,7 +39,8 @@ def reward_tolerance(backend: str) -> tuple[float, float]:
 
 
 class ReplayMismatch(AssertionError):
-    """A recorded number differs from its recomputation."""
+    """A recorded value differs from its recomputation, or a recorded label from what the
+    environment or the run it came from says."""
 
 
 @dataclass(frozen=True)
@@ -109,24 +110,49 @@ def validate(
     actions,
     rewards=None,
     perplexity: float | None = None,
+    executed=None,
 ) -> ReplayResult:
     """Replay and check recorded ``rewards`` (per step) and ``perplexity``.
 
     Cached rewards must replay exactly; live ones within :data:`REWARD_RTOL` and
     :data:`REWARD_ATOL`, perplexity within :data:`PERPLEXITY_RTOL`.
 
+    Args:
+        env: The environment the episode was recorded on (same configuration).
+        window: The window index.
+        actions: The actions (S, L) to play: the executed ones, or the requested ones
+            when ``executed`` is given.
+        rewards: Recorded per-step rewards; None: not checked.
+        perplexity: Recorded perplexity (live backend); None: not checked.
+        executed: Recorded executed actions (S, L) when ``actions`` are the requested ones:
+            the action mask must replace the masked requests as it did when recorded.
+            None: ``actions`` were executed as they are, so the mask must change none.
+
     Raises:
-        ReplayMismatch: A recorded number is not reproduced within the tolerances.
+        ReplayMismatch: A recorded number is not reproduced within the tolerances, or the
+            mask executes other actions than recorded.
     """
     reward_rtol, reward_atol = reward_tolerance(env.config.backend)
     result = replay(env, window, actions)
-    if not np.array_equal(result.actions, np.asarray(actions)):
-        raise ReplayMismatch(f"window {window}: the action mask changed actions on replay")
+    expected = np.asarray(actions if executed is None else executed)
+    if not np.array_equal(result.actions, expected):
+        if executed is None or result.actions.shape != expected.shape:
+            raise ReplayMismatch(f"window {window}: the action mask changed actions on replay")
+        segment, layer = np.argwhere(result.actions != expected)[0]
+        raise ReplayMismatch(
+            f"window {window}: the action executed at segment {segment}, layer {layer} "
+            f"replays as {int(result.actions[segment, layer])}, recorded "
+            f"{int(expected[segment, layer])} (requested "
+            f"{int(np.asarray(actions)[segment, layer])})"
+        )
     if rewards is not None:
         recorded = np.asarray(rewards, dtype=np.float64)
-        if recorded.shape != result.rewards.shape or not np.allclose(
-            result.rewards, recorded, rtol=reward_rtol, atol=reward_atol
-        ):
+        if recorded.shape != result.rewards.shape:
+            raise ReplayMismatch(
+                f"window {window}: {recorded.size} rewards recorded, the episode has "
+                f"{result.rewards.size} steps"
+            )
+        if not np.allclose(result.rewards, recorded, rtol=reward_rtol, atol=reward_atol):
             worst = int(np.argmax(np.abs(result.rewards - recorded)))
             raise ReplayMismatch(
                 f"window {window}: reward of step {worst} replays as {result.rewards[worst]!r}, "

@@ -28,6 +28,9 @@ from drrl_env.replay import ReplayMismatch
 
 TINY = {**drrl_env.ENV_IDS["DRRL-Tiny-v0"], "max_windows": 2}
 WINDOWS = [1, 0]
+POLICIES = ["full_rank", "static_8", "energy_0.9", "greedy_oracle", "mppo", "dqn"]
+LABELS = {"policy": POLICIES}
+"""What replay checks the ``policy`` column against (the CSV belongs to no run)."""
 NUMBERS = ["return", "mean_fidelity", "flops_ratio", "flops_reduction", "mean_perturbation"]
 
 
@@ -75,10 +78,11 @@ def test_one_row_per_policy_and_window(board):
     assert (frame[frame.policy == "mppo"].masked_actions == 0).all()
     oracle, full_return = frame[frame.policy == "greedy_oracle"], full["return"].to_numpy()
     assert (oracle["return"].to_numpy() > full_return).all()
-    assert frame.perplexity.isna().all() and frame.perplexity_full.isna().all()
+    for column in ("perplexity", "perplexity_full", "mean_kl", "top1_agreement"):
+        assert frame[column].isna().all(), column
     header, first = path.read_text().splitlines()[:2]
     assert header.split(",")[:4] == ["policy", "window", "backend", "return"]
-    assert ']",,,"{' in first, "cached rows leave both perplexity fields empty"
+    assert ']",,,,,"{' in first, "cached rows leave the four live fields empty"
     table = summarize(frame)
     assert len(table) == 6 and table["return"].is_monotonic_decreasing
     assert table.loc["greedy_oracle", "masked_actions"] == 0
@@ -86,7 +90,7 @@ def test_one_row_per_policy_and_window(board):
 
 def test_the_csv_replays_exactly(board, env):
     frame, path = board
-    replayed = replay_csv(path, env)
+    replayed = replay_csv(path, env, labels=LABELS)
     written = read_csv(path)
     for column in [*NUMBERS, "mean_rank", "masked_actions"]:
         np.testing.assert_array_equal(replayed[column], written[column], err_msg=column)
@@ -111,13 +115,13 @@ def test_an_edited_number_does_not_replay(board, env, tmp_path, column, edit, ma
     frame.loc[3, column] = edit(frame.loc[3, column])
     frame.to_csv(tmp_path / "edited.csv", index=False)
     with pytest.raises(ReplayMismatch, match=match):
-        replay_csv(tmp_path / "edited.csv", env)
+        replay_csv(tmp_path / "edited.csv", env, labels=LABELS)
 
 
 def test_replay_needs_the_same_env(board, cache_root):
     other = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=2, beta=0.3)
     with pytest.raises(ValueError, match=r"differs from the row's in \['beta'\]"):
-        replay_csv(board[1], other)
+        replay_csv(board[1], other, labels=LABELS)
 
 
 def test_live_rows_record_and_replay_perplexity(cache_root, tmp_path):
@@ -128,14 +132,15 @@ def test_live_rows_record_and_replay_perplexity(cache_root, tmp_path):
     assert record["backend"] == "live" and record["policy"] == "energy_threshold_0.9"
     assert math.isfinite(record["perplexity"]) and math.isfinite(record["perplexity_full"])
     assert record["perplexity"] != record["perplexity_full"]
-    replayed = replay_csv(path, live)
+    labels = {"policy": "energy_threshold_0.9"}
+    replayed = replay_csv(path, live, labels=labels)
     for column in [*NUMBERS, "perplexity", "perplexity_full"]:
         assert replayed.loc[0, column] == record[column], column
     edited = read_csv(path)
     edited.loc[0, "perplexity"] *= 1.001
     edited.to_csv(tmp_path / "edited.csv", index=False)
     with pytest.raises(ReplayMismatch, match="perplexity"):
-        replay_csv(tmp_path / "edited.csv", live)
+        replay_csv(tmp_path / "edited.csv", live, labels=labels)
 
 
 def test_bad_evaluation_input(env, cache_root):

@@ -21,6 +21,7 @@ from agents.runs import (
     check_device,
     check_executor,
     check_run_name,
+    check_seeds,
     check_unique,
     execute,
     run_main,
@@ -64,6 +65,26 @@ def test_check_unique_names_the_repeated_value():
     check_unique("seeds", (0, 1))
     with pytest.raises(ArgumentError, match="seeds: 1 is given twice"):
         check_unique("seeds", (0, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ((), "seeds must name at least one seed"),
+        ((-1,), "seeds: -1 (int) is not a seed; seeds are ints in 0..4294967295"),
+        ((0, 2**32), "seeds: 4294967296 (int) is not a seed"),
+        ((np.int64(3),), "seeds: np.int64(3) (int64) is not a seed"),
+        (("0",), "seeds: '0' (str) is not a seed"),
+        ((False,), "seeds: False (bool) is not a seed"),
+        ((0, 1, 1), "seeds: 1 is given twice"),
+        ("01", "seeds must be a sequence of ints, got '01'"),
+    ],
+)
+def test_check_seeds_names_the_bad_seed(seeds, message):
+    assert check_seeds("seeds", (0, 2**32 - 1)) == (0, 2**32 - 1)
+    with pytest.raises(ArgumentError) as raised:
+        check_seeds("seeds", seeds)
+    assert message in str(raised.value)
 
 
 def test_check_executor(monkeypatch):

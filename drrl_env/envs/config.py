@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,6 +15,9 @@ BACKENDS = ("cached", "live")
 SPLITS = ("train", "eval")
 DEFAULT_FIDELITY = "cosine"
 """The fidelity term of the reward unless ``fidelity=`` says otherwise (README, proxy validity)."""
+PATH_FIELDS = {"data_path": "a corpus file or folder", "cache_dir": "a cache folder"}
+"""Fields holding a path (and what it names): a str (an ``os.PathLike`` is turned into one),
+or None for the default."""
 DEFAULT_KEEP = 0.5
 """Keep fraction of the sparse methods (``topk``) unless ``keep=`` says otherwise."""
 
@@ -26,6 +30,28 @@ def _check_int(name: str, value: object, low: int) -> int:
     if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number (a bool is not one)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float | np.integer | np.floating)
+        and math.isfinite(value)
+    )
+
+
+def _check_path(name: str, value: object) -> None:
+    if value is None:
+        return
+    what = PATH_FIELDS[name]
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{name} must be {what} (a str or os.PathLike path) or None, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if not value.strip():
+        raise ValueError(f"{name}={value!r} is an empty path; pass {what}, or None for the default")
 
 
 def _check_fraction(name: str, value: object, allow_zero: bool = False) -> float:
@@ -96,6 +122,10 @@ class EnvConfig:
     """Cache root; default ``$DRRL_CACHE_DIR`` or the user cache directory."""
 
     def __post_init__(self) -> None:
+        for name in PATH_FIELDS:  # a pathlib.Path is kept as its string
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
         if self.ranks is not None:
             object.__setattr__(self, "ranks", self._int_tuple("ranks", self.ranks))
         if self.keeps is not None:
@@ -150,12 +180,21 @@ class EnvConfig:
             )
         if self.max_windows is not None:
             _check_int("max_windows", self.max_windows, 1)
-        if not 0 < self.eval_fraction < 1 or isinstance(self.eval_fraction, bool):
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
-        if not isinstance(self.max_perturbation, int | float) or not (
-            0 <= self.max_perturbation <= 1
+        if not _is_number(self.eval_fraction) or not 0 < self.eval_fraction < 1:
+            raise ValueError(
+                f"eval_fraction must be a number in (0, 1) (the fraction of documents held "
+                f"out for split='eval'), got {self.eval_fraction!r}"
+            )
+        if (
+            not _is_number(self.max_perturbation)
+            or not isinstance(self.max_perturbation, int | float)
+            or not 0 <= self.max_perturbation <= 1
         ):
-            raise ValueError(f"max_perturbation must be in [0, 1], got {self.max_perturbation!r}")
+            raise ValueError(
+                f"max_perturbation must be a number in [0, 1], got {self.max_perturbation!r}"
+            )
+        for name in PATH_FIELDS:
+            _check_path(name, getattr(self, name))
         if self.ranks is not None:
             if not self.ranks or list(self.ranks) != sorted(set(self.ranks)) or self.ranks[0] < 1:
                 raise ValueError(f"ranks={self.ranks!r} must be strictly increasing integers >= 1")
