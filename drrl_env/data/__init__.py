@@ -1,25 +1,33 @@
 """Corpora for the environment: documents, a deterministic train/eval split, token windows.
 
-Sources (``corpus=``; details in :mod:`drrl_env.data.sources`):
+Kinds (``corpus=``), one :class:`~drrl_env.data.sources.Source` subclass each under
+:mod:`drrl_env.data.kinds`, registered below (:mod:`drrl_env.data.registry`):
 
-==================  =======================================================================
-``wikitext-2``      WikiText-2 (default): a local ``.raw`` file or folder (``data_path``,
-                    ``$DRRL_DATA_DIR``, ``shared/data`` next to the repository), else the hub.
-``wikitext-103``    WikiText-103, looked up the same way.
-``text``            a plain UTF-8 file: if it has blank lines, blank lines separate
-                    documents; otherwise every line is a document.
-``jsonl``           a JSON Lines file; ``text_field`` (default ``text``) holds the text.
-``folder``          a folder of ``.txt`` files, one document each, sorted by name.
-``hf:ID[:CONFIG]``  a Hugging Face dataset (split ``train``, or ``@SPLIT``), column
-                    ``text_field``, through ``datasets`` when the hub is reachable.
-==================  =======================================================================
+=========================  ================================================================
+``wikitext-2``             WikiText-2 (default): a local ``.raw`` file or folder
+                           (``data_path``, ``$DRRL_DATA_DIR``, ``shared/data`` next to the
+                           repository), else the hub.
+``wikitext-103``           WikiText-103, looked up the same way.
+``text``                   a plain UTF-8 file: if it has blank lines, blank lines separate
+                           documents; otherwise every line is a document.
+``jsonl``                  a JSON Lines file; ``text_field`` (default ``text``) holds the text.
+``folder``                 a folder of ``.txt`` files, one document each, sorted by name.
+``hf:ID[:CONFIG]``         a Hugging Face dataset (split ``train``, or ``@SPLIT``), column
+                           ``text_field``, through ``datasets`` when the hub is reachable.
+``code[:GLOB]``            source files of ``data_path`` matching ``GLOB`` (``**/*.py``), one
+                           document each; default folder: this Python's standard library.
+``passkey[:SEED]``         passkey retrieval windows (Landmark / LongLoRA format) over
+                           WikiText filler; each window carries its answer and needle depth.
+``passkey-ruler[:SEED]``   the same with RULER's single needle (word-pair key, 7 digits).
+=========================  ================================================================
 
 With ``data_path`` given and ``corpus`` left at ``wikitext-2``, the kind is detected from the
-path. Documents are split into ``train`` and ``eval`` by a hash of their title (WikiText) or
-content; windows are cut from each split's own tokens and cached (:func:`load_windows`).
+path. Documents are split into ``train`` and ``eval`` by a hash of their title (WikiText),
+path (``code``) or content; windows are cut from each split's own tokens and cached
+(:func:`load_windows`).
 
-Importing this package imports neither torch nor transformers; ``datasets`` is imported only
-when the hub is read.
+Importing this package imports neither torch nor transformers nor the kinds' modules;
+``datasets`` is imported only when the hub is read.
 """
 
 from __future__ import annotations
@@ -34,8 +42,15 @@ from drrl_env.data.documents import (
     read_text_folder,
     split_plain_text,
 )
+from drrl_env.data.registry import (
+    check_corpus_name,
+    corpus_class,
+    corpus_names,
+    corpus_spellings,
+    register_corpus,
+    unregister_corpus,
+)
 from drrl_env.data.sources import (
-    CORPUS_SPELLINGS,
     LOCAL_KINDS,
     Source,
     detect_kind,
@@ -79,6 +94,10 @@ __all__ = [
     "Source",
     "Tokenizer",
     "WindowSet",
+    "check_corpus_name",
+    "corpus_class",
+    "corpus_names",
+    "corpus_spellings",
     "detect_kind",
     "find_local_corpus",
     "hub_reachable",
@@ -90,10 +109,30 @@ __all__ = [
     "read_documents",
     "read_text_file",
     "read_text_folder",
+    "register_corpus",
     "resolve_source",
     "source_fingerprint",
     "split_articles",
     "split_documents",
     "split_plain_text",
     "tokenizer_fingerprint",
+    "unregister_corpus",
 ]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``CORPUS_SPELLINGS``: the spellings of the kinds registered now."""
+    if name == "CORPUS_SPELLINGS":
+        return corpus_spellings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+register_corpus("wikitext-2", "drrl_env.data.kinds.wikitext:WikiTextSource")
+register_corpus("wikitext-103", "drrl_env.data.kinds.wikitext:WikiTextSource")
+register_corpus("text", "drrl_env.data.kinds.text:TextSource")
+register_corpus("jsonl", "drrl_env.data.kinds.jsonl:JsonlSource")
+register_corpus("folder", "drrl_env.data.kinds.folder:FolderSource")
+register_corpus("hf", "drrl_env.data.kinds.hub:HubSource")
+register_corpus("code", "drrl_env.data.kinds.code:CodeSource")
+register_corpus("passkey", "drrl_env.data.kinds.passkey:PasskeySource")
+register_corpus("passkey-ruler", "drrl_env.data.kinds.passkey:RulerPasskeySource")

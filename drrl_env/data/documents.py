@@ -44,7 +44,7 @@ class Document:
 Article = Document  # WikiText articles are documents with a title
 
 
-def _decode(path: Path, data: bytes) -> str:
+def decode_text(path: Path, data: bytes) -> str:
     """UTF-8 text of ``data`` read from ``path`` (a leading byte-order mark is dropped).
 
     Raises:
@@ -74,7 +74,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"{path} is not a file")
-    text = _decode(path, path.read_bytes())
+    text = decode_text(path, path.read_bytes())
     if not text.strip():
         raise CorpusFormatError(f"{path} is empty: it holds no text")
     return text
@@ -179,7 +179,7 @@ def read_text_folder(folder: str | os.PathLike) -> list[Document]:
         raise DataNotFoundError(f"{folder} holds no {TEXT_SUFFIX} files")
     documents = []
     for path in paths:
-        text = _decode(path, path.read_bytes()).strip()
+        text = decode_text(path, path.read_bytes()).strip()
         if text:
             documents.append(Document("", text))
     return documents

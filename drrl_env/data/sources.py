@@ -1,6 +1,7 @@
 """Corpus sources: which kind of text a configuration reads, its documents and its fingerprint.
 
-``corpus`` names the kind:
+``corpus`` names a kind registered in :mod:`drrl_env.data.registry`, optionally followed by
+``:OPTION``; each kind is one :class:`Source` subclass under :mod:`drrl_env.data.kinds`:
 
 ==================  =======================================================================
 ``wikitext-2``      WikiText-2 (the default): ``data_path``, ``$DRRL_DATA_DIR``, a
@@ -11,6 +12,9 @@
 ``folder``          ``data_path`` is a folder; each ``.txt`` file in it is a document.
 ``hf:ID[:CONFIG]``  a Hugging Face dataset through ``datasets``, split ``train``, column
                     ``text_field``; ``hf:ID[:CONFIG]@SPLIT`` picks another split.
+``code[:GLOB]``     source files of a folder (default: this Python's standard library).
+``passkey[:SEED]``  passkey retrieval windows over WikiText filler (``passkey-ruler``:
+                    RULER's single needle).
 ==================  =======================================================================
 
 When ``data_path`` is given and ``corpus`` is left at ``wikitext-2``, the kind is detected from
@@ -29,62 +33,49 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from drrl_env import hub
 from drrl_env.data.documents import (
     CorpusFormatError,
     DataNotFoundError,
     Document,
-    parse_jsonl,
-    read_text_file,
-    read_text_folder,
-    split_plain_text,
     text_files,
 )
-from drrl_env.data.wikitext import (
-    CORPORA,
-    HUB_DATASET,
-    MARKER_FILE,
-    RAW_SUFFIX,
-    load_articles,
-    local_wikitext_file,
-    looks_like_wikitext,
-    search_folder,
-)
+from drrl_env.data.registry import corpus_class, corpus_spellings, split_corpus
+from drrl_env.data.split import split_documents
+from drrl_env.data.wikitext import MARKER_FILE, RAW_SUFFIX, looks_like_wikitext, search_folder
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from drrl_env.data.windows import Tokenizer
 
 DEFAULT_CORPUS = "wikitext-2"
 LOCAL_KINDS = ("text", "jsonl", "folder")
 HF_PREFIX = "hf:"
-DEFAULT_HF_SPLIT = "train"
-WIKITEXT_SPLIT = "test"  # the WikiText file or hub split the train/eval split is cut from
 JSONL_SUFFIX = ".jsonl"
-CORPUS_SPELLINGS = (*CORPORA, *LOCAL_KINDS, "hf:<dataset>[:<config>][@<split>]")
 DETECT_BYTES = 64 * 1024
 FULL_HASH_BYTES = 8 * 1024 * 1024
 SAMPLE_BYTES = 1024 * 1024
-DOCUMENT_RULES = {
-    "wikitext": "WikiText articles start at title lines ' = Title = '",
-    "text": "plain text: separate documents by blank lines, or put one document per line",
-    "jsonl": "JSON Lines: one object per line, each a document",
-    "folder": "a folder: each .txt file is a document",
-    "hf": "a hub dataset: each non-empty row of the column is a document",
-}
-_OFFLINE_HELP = (
-    "Point at local files instead: pass data_path= a .txt file (documents separated by blank "
-    "lines, or one per line), a folder of .txt files, or a .jsonl file with text_field= its "
-    "text key (on a machine with network access, datasets.load_dataset(...).to_json("
-    "'corpus.jsonl') writes one)"
-)
+
+Metadata = dict[str, "np.ndarray"]
+"""Per-window values of a kind, name -> array of length ``n_windows`` (e.g. ``answer``)."""
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where the text of a configuration comes from.
+    """Where the text of a configuration comes from; each corpus kind is a subclass.
+
+    A kind resolves a ``corpus`` string to an instance (:meth:`resolve`), names it
+    (:meth:`describe`), fingerprints what it reads (:meth:`fingerprint`) and reads its
+    documents (:meth:`read`); :meth:`build_windows` cuts the windows of a split from them
+    (kinds whose windows are not cut from documents override it).
 
     Attributes:
-        corpus: The resolved corpus: ``wikitext-2``, ``wikitext-103``, ``text``, ``jsonl``,
-            ``folder`` or the ``hf:`` spelling.
-        kind: ``wikitext``, ``text``, ``jsonl``, ``folder`` or ``hf``.
+        corpus: The resolved corpus: ``wikitext-2``, ``text``, ``code:**/*.pyi``, the
+            ``hf:`` spelling...
+        kind: The family named in the fingerprint: ``wikitext``, ``text``, ``jsonl``,
+            ``folder``, ``hf``, ``code``, ``passkey``...
         path: The local file or folder; None for hub sources.
         text_field: The JSON key or dataset column holding the text.
         dataset: Hub dataset id (hub sources).
@@ -100,6 +91,29 @@ class Source:
     config: str | None = None
     hub_split: str | None = None
 
+    spelling: ClassVar[str | None] = None
+    """How ``corpus=`` is written when the kind takes an option (e.g. ``code[:<glob>]``)."""
+    takes_option: ClassVar[bool] = False
+    """Whether ``corpus`` may carry ``:OPTION`` after the registered name."""
+    rule: ClassVar[str] = "each document of the source"
+    """What a document is, for messages."""
+
+    @classmethod
+    def resolve(
+        cls,
+        corpus: str,
+        option: str | None,
+        data_path: str | os.PathLike | None,
+        text_field: str,
+    ) -> Source:
+        """The source of ``corpus`` (its option already split off) with these arguments.
+
+        Raises:
+            ValueError: On a bad option or argument.
+            DataNotFoundError: If ``data_path`` does not exist or is not what the kind reads.
+        """
+        raise NotImplementedError
+
     def describe(self) -> str:
         """A short name of the source for messages: the path, or the hub dataset."""
         if self.path is not None:
@@ -109,20 +123,32 @@ class Source:
 
     def fingerprint(self) -> str:
         """Identity of the text read: see :func:`source_fingerprint`."""
-        if self.path is None:
-            config = self.config or ""
-            return f"hub:{self.dataset}:{config}@{self.hub_split}#{self.text_field}"
-        if self.kind == "folder":
-            parts = [[p.name, *_file_identity(p)] for p in text_files(self.path)]
-        else:
-            parts = [_file_identity(self.path)]
-        if self.kind == "jsonl":
-            parts.append(["text_field", self.text_field])
-        digest = hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:32]
-        return f"{self.kind}:{digest}"
+        raise NotImplementedError
+
+    def read(self) -> list[Document]:
+        """The documents of the source, in source order (use :func:`read_documents`)."""
+        raise NotImplementedError
+
+    def build_windows(
+        self, tokenizer: Tokenizer, seq_len: int, split: str, eval_fraction: float
+    ) -> tuple[np.ndarray, Metadata]:
+        """All token windows of ``split`` (n, seq_len) int64 and their per-window metadata.
+
+        The default: the split's documents (:func:`~drrl_env.data.split.split_documents`)
+        tokenised and cut by :func:`~drrl_env.data.windows.make_windows`; no metadata.
+        """
+        from drrl_env.data.windows import make_windows
+
+        documents = read_documents(self)
+        own = split_documents(documents, split, eval_fraction)
+        where = (
+            f"the {split!r} split of {self.describe()} ({len(own)} of {len(documents)} "
+            f"documents, eval_fraction={eval_fraction})"
+        )
+        return make_windows(own, tokenizer, seq_len, where=where), {}
 
 
-def _file_identity(path: Path) -> list:
+def file_identity(path: Path) -> list:
     """Size and sha256 of a file; beyond ``FULL_HASH_BYTES``, mtime and sampled bytes."""
     stat = path.stat()
     digest = hashlib.sha256()
@@ -136,33 +162,21 @@ def _file_identity(path: Path) -> list:
     return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
 
 
-def _check_text_field(text_field: str) -> None:
+def digest_fingerprint(kind: str, parts: list) -> str:
+    """``<kind>:<sha256 of the JSON of parts, 32 hex digits>``: the fingerprint of local kinds."""
+    return f"{kind}:{hashlib.sha256(json.dumps(parts).encode('utf-8')).hexdigest()[:32]}"
+
+
+def hub_fingerprint(source: Source) -> str:
+    """``hub:<dataset>:<config>@<split>#<column>``: the fingerprint of hub sources."""
+    config = source.config or ""
+    return f"hub:{source.dataset}:{config}@{source.hub_split}#{source.text_field}"
+
+
+def check_text_field(text_field: str) -> None:
+    """Raise ValueError unless ``text_field`` is a non-empty string."""
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
-
-
-def parse_hf_corpus(corpus: str, text_field: str = "text") -> Source:
-    """Parse ``hf:<dataset>[:<config>][@<split>]`` (split ``train`` by default).
-
-    Raises:
-        ValueError: If the dataset id, config or split is empty.
-    """
-    spec = corpus[len(HF_PREFIX) :]
-    spec, at, split = spec.partition("@")
-    dataset, colon, config = spec.partition(":")
-    if not dataset.strip() or (colon and not config.strip()) or (at and not split.strip()):
-        raise ValueError(
-            f"corpus={corpus!r} is not of the form 'hf:<dataset>[:<config>][@<split>]', "
-            "e.g. 'hf:Salesforce/wikitext:wikitext-2-raw-v1@test'"
-        )
-    return Source(
-        corpus,
-        "hf",
-        text_field=text_field,
-        dataset=dataset.strip(),
-        config=config.strip() or None,
-        hub_split=split.strip() or DEFAULT_HF_SPLIT,
-    )
 
 
 def detect_kind(data_path: str | os.PathLike) -> str:
@@ -193,15 +207,20 @@ def detect_kind(data_path: str | os.PathLike) -> str:
     return "wikitext" if looks_like_wikitext(head) else "text"
 
 
-def _local_source(kind: str, data_path: str | os.PathLike | None, text_field: str) -> Source:
+def local_path(kind: str, data_path: str | os.PathLike | None, folder: bool, rule: str) -> Path:
+    """``data_path`` of a local kind, checked to be a folder (``folder``) or a file.
+
+    Raises:
+        ValueError: If ``data_path`` is None.
+        DataNotFoundError: If it is not a folder (or not a file).
+    """
     if data_path is None:
-        raise ValueError(f"corpus={kind!r} needs data_path= (a {DOCUMENT_RULES[kind]})")
+        raise ValueError(f"corpus={kind!r} needs data_path= (a {rule})")
     path = Path(data_path).expanduser()
-    wanted = path.is_dir() if kind == "folder" else path.is_file()
-    if not wanted:
-        what = "folder" if kind == "folder" else "file"
+    if not (path.is_dir() if folder else path.is_file()):
+        what = "folder" if folder else "file"
         raise DataNotFoundError(f"corpus={kind!r} needs data_path= a {what}; {path} is not one")
-    return Source(kind, kind, path, text_field)
+    return path
 
 
 def resolve_source(
@@ -212,32 +231,24 @@ def resolve_source(
     """Resolve a configuration's ``corpus``, ``data_path`` and ``text_field`` to a source.
 
     Raises:
-        ValueError: On an unknown corpus spelling, an empty ``text_field``, a local kind
-            without ``data_path``, or ``data_path`` with a hub dataset.
+        ValueError: On an unknown corpus spelling, an option the kind does not take, an empty
+            ``text_field``, a local kind without ``data_path``, or ``data_path`` with a hub
+            dataset.
         DataNotFoundError: If ``data_path`` does not exist or is not what the kind reads.
     """
-    _check_text_field(text_field)
+    check_text_field(text_field)
     if not isinstance(corpus, str):
-        raise ValueError(f"corpus must be a string, one of {list(CORPUS_SPELLINGS)}")
-    if corpus.startswith(HF_PREFIX):
-        if data_path is not None:
-            raise ValueError(
-                f"data_path={str(data_path)!r} is not used with corpus={corpus!r}; for local "
-                "files pass corpus='text', 'jsonl' or 'folder' (or leave corpus out)"
-            )
-        return parse_hf_corpus(corpus, text_field)
-    if corpus in LOCAL_KINDS:
-        return _local_source(corpus, data_path, text_field)
-    if corpus not in CORPORA:
-        raise ValueError(f"unknown corpus {corpus!r}; expected one of {list(CORPUS_SPELLINGS)}")
-    if data_path is not None and corpus == DEFAULT_CORPUS:
-        kind = detect_kind(data_path)
-        if kind != "wikitext":
-            return _local_source(kind, data_path, text_field)
-    path = local_wikitext_file(corpus, data_path)
-    if path is not None:
-        return Source(corpus, "wikitext", path, text_field)
-    return Source(corpus, "wikitext", None, "text", HUB_DATASET, CORPORA[corpus], WIKITEXT_SPLIT)
+        raise ValueError(f"corpus must be a string, one of {list(corpus_spellings())}")
+    name, option = split_corpus(corpus)
+    try:
+        cls = corpus_class(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown corpus {corpus!r}; expected one of {list(corpus_spellings())}"
+        ) from None
+    if option is not None and not cls.takes_option:
+        raise ValueError(f"corpus={corpus!r}: {name!r} takes no ':' option")
+    return cls.resolve(corpus, option, data_path, text_field)
 
 
 def source_fingerprint(
@@ -248,53 +259,16 @@ def source_fingerprint(
     """Identity of the text a configuration reads, cheap to compute.
 
     Local sources: the kind and a digest of each file's size and sha256 (beyond 8 MiB:
-    size, mtime and the sha256 of three 1 MiB samples), with file names for folders and the
-    text field for JSON Lines; it changes when the content changes and not when a file is
-    only touched or moved. Hub sources: ``hub:<dataset>:<config>@<split>#<column>``.
+    size, mtime and the sha256 of three 1 MiB samples), with file names for folders (relative
+    paths for ``code``, with its glob) and the text field for JSON Lines; it changes when the
+    content changes and not when a file is only touched or moved. Hub sources:
+    ``hub:<dataset>:<config>@<split>#<column>``. Generated kinds (``passkey``) fingerprint
+    their construction and their filler's source.
 
     Raises:
         ValueError, DataNotFoundError: As :func:`resolve_source`.
     """
     return resolve_source(corpus, data_path, text_field).fingerprint()
-
-
-def _hub_documents(source: Source) -> list[Document]:
-    if not hub.hub_reachable():
-        raise DataNotFoundError(
-            f"corpus={source.corpus!r} is read from the Hugging Face hub, which cannot be used "
-            f"({hub.unreachable_reason()}). {_OFFLINE_HELP}"
-        )
-    from datasets import load_dataset
-
-    try:
-        with hub.bounded_hub_timeouts():
-            rows = load_dataset(source.dataset, source.config, split=source.hub_split)
-    except Exception as exc:  # any hub failure means no data
-        raise DataNotFoundError(
-            f"corpus={source.corpus!r}: the hub failed ({exc}). {_OFFLINE_HELP}"
-        ) from exc
-    columns = list(rows.column_names)
-    if source.text_field not in columns:
-        raise CorpusFormatError(
-            f"{source.describe()} has no column {source.text_field!r}; its columns are "
-            f"{columns}. Pass text_field= the column that holds the text"
-        )
-    texts = rows[source.text_field]
-    return [Document("", t.strip()) for t in texts if isinstance(t, str) and t.strip()]
-
-
-def _read(source: Source) -> list[Document]:
-    if source.kind == "wikitext":
-        return load_articles(source.corpus, source.path)
-    if source.kind == "hf":
-        return _hub_documents(source)
-    assert source.path is not None
-    if source.kind == "folder":
-        return read_text_folder(source.path)
-    text = read_text_file(source.path)
-    if source.kind == "jsonl":
-        return parse_jsonl(text, str(source.path), source.text_field)
-    return split_plain_text(text)
 
 
 def read_documents(source: Source) -> list[Document]:
@@ -305,11 +279,10 @@ def read_documents(source: Source) -> list[Document]:
         CorpusFormatError: If a file cannot be read as the source's kind, or the source
             holds fewer than 2 documents (a train/eval split needs both).
     """
-    documents = _read(source)
+    documents = source.read()
     if len(documents) < 2:
         raise CorpusFormatError(
             f"{source.describe()} holds {len(documents)} document(s) as corpus="
-            f"{source.corpus!r}; the train/eval split needs at least 2 "
-            f"({DOCUMENT_RULES[source.kind]})"
+            f"{source.corpus!r}; the train/eval split needs at least 2 ({source.rule})"
         )
     return documents

@@ -6,6 +6,11 @@ non-overlapping windows of ``seq_len`` (the tail is dropped), so windows never c
 split. All windows of a split are tokenised once and cached under ``<cache>/windows``,
 keyed by the source's fingerprint, the tokenizer's, ``seq_len``, the split and
 ``eval_fraction``; ``max_windows`` then keeps the first ones.
+
+Kinds whose windows are not cut from documents (``passkey``) build them their own way
+(:meth:`~drrl_env.data.sources.Source.build_windows`) and may attach per-window metadata
+(e.g. the expected answer): parallel arrays in :attr:`WindowSet.metadata`, cached with the
+windows and sliced with them.
 """
 
 from __future__ import annotations
@@ -17,20 +22,21 @@ import os
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from drrl_env.data.documents import Document
-from drrl_env.data.sources import Source, read_documents, resolve_source
-from drrl_env.data.split import check_eval_fraction, check_split, split_documents
+from drrl_env.data.sources import Metadata, Source, resolve_source
+from drrl_env.data.split import check_eval_fraction, check_split
 from drrl_env.paths import cache_dir as default_cache_dir
 
 WINDOW_CACHE_FORMAT = 1
 WINDOW_CACHE_FOLDER = "windows"
+METADATA_PREFIX = "meta_"  # cached metadata arrays are stored as meta_<name>
 BYTE_TOKENIZER = "drrl_env.lm.models.ByteTokenizer"
 PROBE_TEXT = "Tokenizer probe: 0123456789, naïve café, Straße, 東京, emoji 🙂.\n\tEnd of probe."
 
@@ -43,12 +49,18 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class WindowSet:
-    """Token windows of one corpus split; ``tokens`` has shape ``(n_windows, seq_len)``, int64."""
+    """Token windows of one corpus split; ``tokens`` has shape ``(n_windows, seq_len)``, int64.
+
+    ``metadata`` maps names to arrays of length ``n_windows``, window ``i``'s values at
+    index ``i`` (``passkey``: ``answer``, ``needle_start``, ``depth``...; empty for the
+    prose kinds).
+    """
 
     corpus: str
     split: str
     seq_len: int
     tokens: np.ndarray
+    metadata: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -170,51 +182,60 @@ def window_cache_path(root: Path, key: dict) -> Path:
     return root / WINDOW_CACHE_FOLDER / f"{key['split']}-{key['seq_len']}-{digest}.npz"
 
 
-def read_cached_windows(path: Path, key: dict) -> np.ndarray | None:
-    """The cached windows at ``path``, or None if absent; unreadable files warn and give None."""
+def read_cached_windows(path: Path, key: dict) -> tuple[np.ndarray, Metadata] | None:
+    """The cached windows at ``path`` and their metadata, or None if absent.
+
+    Unreadable files warn and give None.
+    """
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
             stored = json.loads(str(archive["key"]))
             tokens = archive["tokens"]
+            metadata = {
+                name[len(METADATA_PREFIX) :]: archive[name]
+                for name in archive.files
+                if name.startswith(METADATA_PREFIX)
+            }
         if stored != key:
             raise ValueError("it was built for another configuration")
         if tokens.dtype != np.int64 or tokens.ndim != 2 or tokens.shape[1] != key["seq_len"]:
             raise ValueError(f"its tokens have shape {tokens.shape} and dtype {tokens.dtype}")
         if len(tokens) == 0:
             raise ValueError("it holds no window")
+        check_metadata(metadata, len(tokens))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         warnings.warn(f"rebuilding unreadable window cache {path}: {error}", stacklevel=3)
         return None
-    return tokens
+    return tokens, metadata
 
 
-def write_cached_windows(path: Path, key: dict, tokens: np.ndarray) -> None:
+def check_metadata(metadata: Metadata, n_windows: int) -> None:
+    """Raise ValueError unless every metadata array has one entry per window."""
+    for name, values in metadata.items():
+        if np.ndim(values) == 0 or len(values) != n_windows:
+            raise ValueError(
+                f"metadata {name!r} has shape {np.shape(values)}, expected {n_windows} entries"
+            )
+
+
+def write_cached_windows(
+    path: Path, key: dict, tokens: np.ndarray, metadata: Metadata | None = None
+) -> None:
     """Write windows atomically (temporary file, then ``os.replace``); failures only warn."""
     temporary = None
+    arrays = {f"{METADATA_PREFIX}{name}": values for name, values in (metadata or {}).items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, key=np.array(json.dumps(key, sort_keys=True)), tokens=tokens)
+            np.savez(stream, key=np.array(json.dumps(key, sort_keys=True)), tokens=tokens, **arrays)
         os.replace(temporary, path)
     except OSError as error:
         warnings.warn(f"could not write window cache {path}: {error}", stacklevel=3)
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
-
-
-def _build_windows(
-    source: Source, tokenizer: Tokenizer, seq_len: int, split: str, eval_fraction: float
-) -> np.ndarray:
-    documents = read_documents(source)
-    own = split_documents(documents, split, eval_fraction)
-    where = (
-        f"the {split!r} split of {source.describe()} ({len(own)} of {len(documents)} "
-        f"documents, eval_fraction={eval_fraction})"
-    )
-    return make_windows(own, tokenizer, seq_len, where=where)
 
 
 def load_windows(
@@ -235,10 +256,13 @@ def load_windows(
         tokenizer: Has ``encode(text, add_special_tokens=False)``.
         seq_len: Tokens per window, at least 2.
         split: ``train`` or ``eval``.
-        corpus: ``wikitext-2``, ``wikitext-103``, ``text``, ``jsonl``, ``folder`` or
-            ``hf:<dataset>[:<config>][@<split>]`` (see :mod:`drrl_env.data.sources`).
+        corpus: A registered kind (:func:`~drrl_env.data.registry.corpus_names`), with its
+            option if any: ``wikitext-2``, ``wikitext-103``, ``text``, ``jsonl``,
+            ``folder``, ``hf:<dataset>[:<config>][@<split>]``, ``code[:<glob>]``,
+            ``passkey[:<seed>]``, ``passkey-ruler[:<seed>]`` (see
+            :mod:`drrl_env.data.sources`).
         data_path: Local file or folder; with ``corpus`` left at ``wikitext-2`` its kind is
-            detected.
+            detected (``code``: the folder; ``passkey``: the filler's source).
         eval_fraction: Fraction of documents held out for ``eval``, in (0, 1).
         max_windows: Keep the first windows only (None: all).
         text_field: JSON key (``jsonl``) or dataset column (``hf:``) holding the text.
@@ -246,7 +270,8 @@ def load_windows(
         use_cache: Read and write the window cache.
 
     Returns:
-        The windows; ``corpus`` is the resolved corpus (e.g. ``text`` when detected).
+        The windows and their metadata; ``corpus`` is the resolved corpus (e.g. ``text``
+        when detected).
 
     Raises:
         ValueError: On an invalid argument, too few documents or too few tokens (the message
@@ -259,16 +284,23 @@ def load_windows(
     check_max_windows(max_windows)
     check_eval_fraction(eval_fraction)
     source = resolve_source(corpus, data_path, text_field)
-    tokens = None
+    cached = None
     if use_cache:
         key = window_cache_key(source, tokenizer, seq_len, split, eval_fraction)
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         path = window_cache_path(root, key)
-        tokens = read_cached_windows(path, key)
-    if tokens is None:
-        tokens = _build_windows(source, tokenizer, seq_len, split, eval_fraction)
+        cached = read_cached_windows(path, key)
+    if cached is None:
+        tokens, metadata = source.build_windows(tokenizer, seq_len, split, eval_fraction)
+        metadata = {name: np.asarray(values) for name, values in metadata.items()}
+        check_metadata(metadata, len(tokens))
         if use_cache:
-            write_cached_windows(path, key, tokens)
+            write_cached_windows(path, key, tokens, metadata)
+    else:
+        tokens, metadata = cached
     if max_windows is not None and int(max_windows) < len(tokens):
         tokens = tokens[: int(max_windows)].copy()
-    return WindowSet(corpus=source.corpus, split=split, seq_len=int(seq_len), tokens=tokens)
+        metadata = {name: values[: int(max_windows)].copy() for name, values in metadata.items()}
+    return WindowSet(
+        corpus=source.corpus, split=split, seq_len=int(seq_len), tokens=tokens, metadata=metadata
+    )

@@ -1,0 +1,33 @@
+"""``jsonl``: a JSON Lines file, one object per line; ``text_field`` holds the text."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from drrl_env.data.documents import Document, parse_jsonl, read_text_file
+from drrl_env.data.sources import Source, digest_fingerprint, file_identity, local_path
+
+
+@dataclass(frozen=True)
+class JsonlSource(Source):
+    """A JSON Lines file (:func:`~drrl_env.data.documents.parse_jsonl` reads it)."""
+
+    rule = "JSON Lines: one object per line, each a document"
+
+    @classmethod
+    def resolve(
+        cls,
+        corpus: str,
+        option: str | None,
+        data_path: str | os.PathLike | None,
+        text_field: str,
+    ) -> Source:
+        return cls(corpus, corpus, local_path(corpus, data_path, False, cls.rule), text_field)
+
+    def fingerprint(self) -> str:
+        parts = [file_identity(self.path), ["text_field", self.text_field]]
+        return digest_fingerprint(self.kind, parts)
+
+    def read(self) -> list[Document]:
+        return parse_jsonl(read_text_file(self.path), str(self.path), self.text_field)
