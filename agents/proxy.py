@@ -80,7 +80,7 @@ def schedules(
 
 def cached_proxies(cached: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
     """Each term's predicted damage of a schedule, from the cached (teacher-forced) cells."""
-    shard = cached.unwrapped.backend.cache.store.read_shard(window)
+    shard = cached.unwrapped.backend.cache.shard(window)  # verified
     index = np.asarray(actions)[..., None]  # (S, L, 1)
 
     def total(name: str) -> float:

@@ -2,6 +2,9 @@
 
 Sections (``--sections``, all by default):
 
+- ``single``: steps per second of one cached env made with ``gym.make`` and stepped in a
+  plain loop (random actions, ``reset`` at each episode end), the way a training script
+  without vectorization uses it;
 - ``vector``: steps per second of the cached backend with 1, 2 and 4 copies, through
   ``gymnasium.make_vec`` with ``sync`` and ``async`` vectorization (random actions; the
   rate counts the steps of all copies);
@@ -45,7 +48,7 @@ class Args:
 
     env_id: str = "DRRL-Wikitext-v0"
     """Registered id of the cached sections (its cache is built first if missing)."""
-    sections: tuple[str, ...] = ("vector", "memory", "live")
+    sections: tuple[str, ...] = ("single", "vector", "memory", "live")
     """Which measurements to run."""
     copies: tuple[int, ...] = (1, 2, 4)
     """Numbers of environment copies of the vector and memory sections."""
@@ -94,6 +97,23 @@ def vector_rate(args: Args, copies: int, mode: str) -> float:
         return args.steps * copies / (time.perf_counter() - start)
     finally:
         vector.close()
+
+
+def single_rate(args: Args) -> float:
+    """Steps per second of one env from ``gym.make`` stepped in a plain loop."""
+    env = gym.make(args.env_id, max_windows=args.max_windows, device=args.device)
+    try:
+        rng = np.random.default_rng(args.seed)
+        actions = rng.integers(0, env.action_space.n, size=args.steps).tolist()
+        env.reset(seed=args.seed)
+        start = time.perf_counter()
+        for action in actions:
+            _, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+        return args.steps / (time.perf_counter() - start)
+    finally:
+        env.close()
 
 
 def worker_memory(args: Args, copies: int) -> tuple[float, float]:
@@ -204,13 +224,17 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(args: Args) -> Path:
     """Run the sections, write the CSV and the Markdown."""
-    unknown = set(args.sections) - {"vector", "memory", "live"}
+    unknown = set(args.sections) - {"single", "vector", "memory", "live"}
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; sections: vector, memory, live")
+        raise ValueError(
+            f"unknown sections {sorted(unknown)}; sections: single, vector, memory, live"
+        )
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     gym.make(args.env_id, max_windows=args.max_windows, device=args.device).close()  # cache
     rows = []
+    if "single" in args.sections:
+        rows.append(row("single", "cached, gym.make, plain loop", 1, single_rate(args), "steps/s"))
     if "vector" in args.sections:
         for mode in ("sync", "async"):
             for copies in args.copies:

@@ -5,6 +5,7 @@
     python -m drrl_env.build_cache DRRL-Wikitext-v0                       # train split
     python -m drrl_env.build_cache DRRL-Wikitext-TopK-v0 --splits train eval --workers 2
     python -m drrl_env.build_cache DRRL-Wikitext-v0 --max-windows 800 --executor ray
+    python -m drrl_env.build_cache DRRL-Wikitext-v0 --rebuild                  # after a corruption
 
 Each window is one shard of the cache, written atomically when it is done: an interrupted
 build keeps its finished windows and the next call builds only the rest; several processes
@@ -12,6 +13,12 @@ or machines building the same cache split the windows (``--workers`` spawns loca
 that each load the model once; ``--executor ray`` runs each window as a Ray task, on a
 local instance or the cluster at ``--address``, and this process writes the shards it gets
 back). ``--set key=value`` passes further ``gym.make`` keywords (``method=topk``).
+
+Every window built is then verified (checksums and ranges, :mod:`drrl_env.store`); a corrupt
+one is rebuilt. ``--rebuild`` deletes the split's cached rollouts first (the fix a corrupt
+shared array asks for). Each split's report (one JSON line) says what this process
+``built``, what was ``already_built`` and what other processes built meanwhile
+(``built_by_others``), and how many corrupt windows were ``repaired``.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class Args:
     """Ray cluster address; unset starts a local Ray instance."""
     cache_dir: str | None = None
     """Cache root (default ``$DRRL_CACHE_DIR`` or the user cache directory)."""
+    rebuild: bool = False
+    """Delete each split's cached rollouts first and build them anew (after a corruption)."""
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict:
@@ -98,38 +107,54 @@ def build_window(task: tuple[dict, int, int | None]) -> tuple[int, dict]:
     return window, window_builder(EnvConfig(**config), threads)(window)
 
 
-def build_with_ray(cache: RolloutCache, args: Args) -> int:
-    """Build the missing windows of ``cache`` as Ray tasks; this process writes each shard."""
-    cache.store.check_writable()
-    if not cache.store.has_shared():
-        cache.write_shared()
+def build_with_ray(cache: RolloutCache, args: Args) -> list[int]:
+    """Build the missing windows of ``cache`` as Ray tasks; this process writes each shard.
+
+    Returns:
+        The windows this process wrote (not those another process wrote first).
+    """
+    cache.prepare()
     missing = cache.missing()
     config = {k: v for k, v in cache.config.as_dict().items() if k != "cache_dir"}
     tasks = [(config, window, args.threads or 1) for window in missing]
+    built = []
     for done, (window, arrays) in enumerate(
         (result for _, result in execute(build_window, tasks, "ray", address=args.address)), 1
     ):
-        cache.store.write_shard(window, arrays)
+        if cache.store.write_shard(window, arrays):
+            built.append(window)
         print(f"window {window} done ({done}/{len(tasks)})", flush=True)
-    return len(tasks)
+    return built
 
 
 def main(args: Args) -> dict:
-    """Build every requested split; print and return what was built and how long it took."""
+    """Build every requested split; print and return what was built and how long it took.
+
+    Per split: ``windows`` wanted, ``built`` by this process, ``already_built`` before it
+    started, ``built_by_others`` (other processes sharing the build), ``repaired`` (corrupt
+    windows found by the final verification and rebuilt), the folder and the seconds.
+    """
     report = {}
     for config in configs(args):
         cache = RolloutCache(config)
-        before = cache.missing()
+        if args.rebuild:
+            cache.store.remove_all()
         started = time.perf_counter()
+        present = set(cache.store.indices())
         if args.executor == "ray":
             built = build_with_ray(cache, args)
         else:
-            cache.build(workers=args.workers, threads=args.threads)
-            built = len(before) if before is not None else len(cache.wanted())
+            built = cache.build(workers=args.workers, threads=args.threads)
+        repaired = cache.verify()
+        wanted = cache.wanted()
+        already = len(present.intersection(wanted))
         report[config.split] = {
             "folder": str(cache.store.folder),
-            "windows": len(cache.wanted()),
-            "built": built,
+            "windows": len(wanted),
+            "built": len(built),
+            "already_built": already,
+            "built_by_others": len(wanted) - already - len(set(built)),
+            "repaired": len(repaired),
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(json.dumps({config.split: report[config.split]}), flush=True)

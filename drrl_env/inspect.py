@@ -52,8 +52,8 @@ def attention_shape(env_id: str, **overrides: Any) -> tuple[EnvConfig, ModelShap
 
 def rollout_array(backend, name: str) -> np.ndarray:
     """The cached array ``name`` of every window of a cached backend, stacked (W, ...)."""
-    store = backend.cache.store
-    return np.stack([np.asarray(store.read_shard(w)[name]) for w in range(backend.n_windows)])
+    cache = backend.cache  # verified reads (a corrupt window is rebuilt)
+    return np.stack([np.asarray(cache.shard(w)[name]) for w in range(backend.n_windows)])
 
 
 def layer_fidelity(backend, term: str = "cosine") -> np.ndarray:

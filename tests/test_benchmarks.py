@@ -74,6 +74,8 @@ def test_env_steps_sections(tmp_path, cache):
     args += ["--live-methods", "calibrated", "--live-repeats", "1", "--max-windows", "2"]
     run_script("benchmarks/env_steps.py", [*args, "--out-dir", str(tmp_path)], cache)
     table = pd.read_csv(tmp_path / "env_steps.csv")
+    single = table[table["section"] == "single"]
+    assert len(single) == 1 and single["value"].iloc[0] > 0
     vector = table[table["section"] == "vector"]
     assert sorted(zip(vector["setup"], vector["copies"], strict=True)) == [
         ("cached, async", 1),

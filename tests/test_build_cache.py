@@ -12,15 +12,26 @@ from drrl_env.build_cache import Args, configs, main, parse_overrides
 from drrl_env.envs.backends.cached import RolloutCache
 
 
+def _counts(report: dict) -> tuple[int, int, int, int]:
+    return tuple(report[k] for k in ("built", "already_built", "built_by_others", "repaired"))
+
+
 def test_builds_each_split_once_then_nothing(tmp_path, capsys):
     args = Args("DRRL-Tiny-v0", splits=("train", "eval"), max_windows=2, cache_dir=str(tmp_path))
     first = main(args)
     assert {split: first[split]["built"] for split in ("train", "eval")} == {"train": 2, "eval": 2}
+    assert _counts(first["train"]) == (2, 0, 0, 0)
     again = main(args)
     assert again["train"]["built"] == 0 and again["eval"]["built"] == 0
+    assert _counts(again["eval"]) == (0, 2, 0, 0)
     assert '"train"' in capsys.readouterr().out
     more = main(Args("DRRL-Tiny-v0", max_windows=3, cache_dir=str(tmp_path)))
     assert more["train"]["built"] == 1 and more["train"]["windows"] == 3
+    assert _counts(more["train"]) == (1, 2, 0, 0)
+    rebuilt = main(Args("DRRL-Tiny-v0", max_windows=1, cache_dir=str(tmp_path), rebuild=True))
+    assert _counts(rebuilt["train"]) == (1, 0, 0, 0) and rebuilt["train"]["windows"] == 1
+    (config,) = configs(Args("DRRL-Tiny-v0", max_windows=1, cache_dir=str(tmp_path)))
+    assert RolloutCache(config).store.indices() == [0]  # --rebuild deleted the others
 
 
 def test_overrides_reach_the_configuration(tmp_path):

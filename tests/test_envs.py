@@ -515,17 +515,20 @@ def test_read_only_cache_folder_fails_before_building(tmp_path, monkeypatch):
         DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
 
 
-def test_non_finite_cached_features_are_refused(tmp_path):
+def test_non_finite_cached_features_are_rebuilt(tmp_path):
+    from drrl_env.store import CorruptShardWarning
+
     config = EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path))
     env = DynamicRankEnv(config)
     shard = env.backend.cache.store._shard_path(1) / "input_stats.npy"
     stats = np.load(shard)
     stats[0, 0, 1] = np.nan
     np.save(shard, stats)
-    fresh = DynamicRankEnv(config)
-    fresh.reset(options={"window": 0})  # window 0 is fine
-    with pytest.raises(ValueError, match="input_stats of window 1 holds non-finite"):
-        fresh.reset(options={"window": 1})
+    with pytest.warns(CorruptShardWarning, match="window 1 .* array 'input_stats' fails its"):
+        fresh = DynamicRankEnv(config)
+    fresh.reset(options={"window": 1})
+    assert np.isfinite(fresh.backend.cache.shard(1)["input_stats"]).all()
+    np.testing.assert_array_equal(fresh.backend.table(1).raw, env.backend.table(1).raw)
 
 
 def tiny_model_folder(folder, seed: int) -> str:

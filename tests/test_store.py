@@ -1,11 +1,14 @@
-"""ShardStore: atomic shards, resumable builds, claims between processes, stale cleanup."""
+"""ShardStore: atomic shards, resumable builds, claims between processes, stale cleanup,
+verified reads (manifests, checksums, specs)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -21,7 +24,14 @@ import numpy as np
 import pytest
 
 import drrl_env.store as store_module
-from drrl_env.store import ShardStore, StoreKeyError, StoreNotWritableError
+from drrl_env.store import (
+    MANIFEST,
+    ArraySpec,
+    CorruptShardError,
+    ShardStore,
+    StoreKeyError,
+    StoreNotWritableError,
+)
 from drrl_env.store_workers import build_in_workers
 
 if TYPE_CHECKING:
@@ -437,3 +447,209 @@ def test_key_mismatch_is_an_error_naming_the_folder(tmp_path):
     assert store.has_shard(0)
     with pytest.raises(TypeError, match="JSON"):
         _store(tmp_path, {"model": object()})
+
+
+# -- verification: manifests, checksums, specs ----------------------------------------------
+
+
+SPEC = {
+    "fidelity": ArraySpec("f", (2, 3, 4), low=0.0, high=1.0),
+    "tokens": ArraySpec("iu", (5,), low=0),
+    "nll": ArraySpec("f", (), low=0.0),
+    "mask": ArraySpec("b", (3,)),
+    "extra": ArraySpec("f", optional=True),
+}
+
+
+def _fidelity_path(store: ShardStore, index: int) -> Path:
+    return store.folder / "shards" / f"{index:08d}" / "fidelity.npy"
+
+
+def test_manifest_records_dtype_shape_and_checksum(tmp_path):
+    store = _store(tmp_path)
+    store.write_shard(0, _arrays(0))
+    store.write_shared({"ranks": np.arange(3)})
+    for folder in (store.folder / "shards" / "00000000", store.folder / "shared"):
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["format"] == 1 and manifest["checksum"] == "blake2b-128"
+        for name, entry in manifest["arrays"].items():
+            array = np.load(folder / f"{name}.npy")
+            assert entry["dtype"] == array.dtype.str and entry["shape"] == list(array.shape)
+            expected = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16)
+            assert entry["checksum"] == expected.hexdigest()
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _resave(change: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        array = change(np.load(path))
+        path.unlink()
+        np.save(path, array)
+
+    return damage
+
+
+def _edit_manifest(path: Path) -> None:
+    manifest_path = path.parent / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["arrays"]["fidelity"]["dtype"] = "<f4"
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "array", "reason"),
+    [
+        (_flip_byte, "fidelity", "fails its checksum"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "fidelity", "cannot be read"),
+        (lambda p: p.write_bytes(b""), "fidelity", r"cannot be read \(EOFError"),
+        (
+            lambda p: p.write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': <<<" + b" " * 120),
+            "fidelity",
+            "cannot be read",
+        ),
+        (lambda p: p.unlink(), "fidelity", r"is missing \(its manifest lists it\)"),
+        (_resave(lambda a: a.astype(np.int8)), "fidelity", "has dtype int8, its manifest records"),
+        (_resave(lambda a: a[:1]), "fidelity", r"has shape \(1, 3, 4\), its manifest records"),
+        (_edit_manifest, "fidelity", "has dtype float64, its manifest records float32"),
+        (lambda p: (p.parent / MANIFEST).unlink(), None, f"has no {MANIFEST}"),
+        (lambda p: (p.parent / MANIFEST).write_text("{"), None, f"unreadable {MANIFEST}"),
+    ],
+)
+def test_a_damaged_shard_names_the_shard_the_array_and_the_fix(tmp_path, damage, array, reason):
+    store = _store(tmp_path)
+    store.write_shard(3, _arrays(3))
+    damage(_fidelity_path(store, 3))
+    with pytest.raises(CorruptShardError, match=reason) as info:
+        _store(tmp_path).read_shard(3)
+    error = info.value
+    assert (error.index, error.array) == (3, array) and isinstance(error, ValueError)
+    subject = f"array '{array}'" if array else "the folder"
+    assert str(error).startswith(f"shard 3 is corrupt: {subject} ")
+    assert f"Fix: delete {store.folder / 'shards' / '00000003'}" in str(error)
+    with pytest.raises(CorruptShardError) as again:
+        pickle.loads(pickle.dumps(error))  # crosses process boundaries intact
+        raise pickle.loads(pickle.dumps(error))
+    assert (again.value.index, again.value.array, str(again.value)) == (3, array, str(error))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (
+            "fidelity",
+            np.full((2, 3, 4), np.nan),
+            r"holds 24 non-finite values \(nan at \[0, 0, 0\]\)",
+        ),
+        ("fidelity", np.full((2, 3, 4), 1.5), r"holds 24 > 1 values \(1.5 at \[0, 0, 0\]\)"),
+        ("fidelity", np.zeros((2, 3, 5)), r"has shape \(2, 3, 5\), expected \(2, 3, 4\)"),
+        ("tokens", np.arange(5.0), "has dtype float64, expected signed integers or unsigned"),
+        ("tokens", np.arange(5) - 1, r"holds 1 < 0 value \(-1 at \[0\]\)"),
+        ("nll", np.float64(np.inf), r"holds 1 non-finite value \(inf\)"),
+        ("mask", None, "is missing"),
+    ],
+)
+def test_spec_checks_kind_shape_finiteness_and_range(tmp_path, name, value, reason):
+    arrays = _arrays(0)
+    if value is None:
+        del arrays[name]
+    else:
+        arrays[name] = value
+    store = ShardStore(tmp_path, KEY, NAME, shard_spec=SPEC, unit="window", hint="run the fix")
+    store.write_shard(0, arrays)
+    with pytest.raises(CorruptShardError, match=f"window 0 is corrupt: array '{name}' {reason}"):
+        store.read_shard(0)
+    assert str(pytest.raises(CorruptShardError, store.read_shard, 0).value).endswith(
+        "Fix: run the fix"
+    )
+    store.write_shard(1, _arrays(1))
+    store.read_shard(1)  # the intact shard passes, and ``extra`` is optional
+
+
+def test_spectra_rows_must_sum_to_one(tmp_path):
+    spec = {"spectra": ArraySpec("f", (None, 4), low=0.0, row_sum=1.0)}
+    store = ShardStore(tmp_path, KEY, NAME, shard_spec=spec)
+    store.write_shard(0, {"spectra": np.full((3, 4), 0.25)})
+    store.write_shard(1, {"spectra": np.array([[0.25] * 4, [0.5, 0.5, 0.5, 0.0]])})
+    store.read_shard(0)
+    with pytest.raises(CorruptShardError, match=r"1 row not summing to 1 \(sum 1.5 at \[1\]\)"):
+        store.read_shard(1)
+
+
+def test_shared_arrays_are_verified_too(tmp_path):
+    spec = {"costs": ArraySpec("f", (None,), low=0.0)}
+    store = ShardStore(tmp_path, KEY, NAME, shared_spec=spec)
+    store.write_shared({"costs": -np.ones(3)})
+    with pytest.raises(
+        CorruptShardError, match="the shared arrays are corrupt: array 'costs'"
+    ) as info:
+        store.read_shared()
+    assert info.value.index is None and "Fix: delete" in str(info.value)
+
+
+def test_a_shard_is_verified_once_per_store_and_again_when_its_files_change(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    store.write_shard(0, _arrays(0))
+    digests = []
+    original = store_module._digest
+    monkeypatch.setattr(store_module, "_digest", lambda a: digests.append(1) or original(a))
+    first = store.read_shard(0)
+    assert len(digests) == 4
+    again = store.read_shard(0)
+    assert len(digests) == 4 and all(again[name] is first[name] for name in first)
+    store.read_shard(0, mmap=False)
+    assert len(digests) == 4
+    _store(tmp_path).read_shard(0)  # another store instance checks for itself
+    assert len(digests) == 8
+    path = _fidelity_path(store, 0)
+    _flip_byte(path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    store_module._OPEN.drop((store._id, 0))  # as if evicted: the files are looked at again
+    with pytest.raises(CorruptShardError, match="fails its checksum"):
+        store.read_shard(0)
+
+
+def test_the_table_of_open_shards_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "_OPEN", store_module._OpenShards(windows=3, files=100))
+    store = _store(tmp_path)
+    for index in range(6):
+        store.write_shard(index, _arrays(index))
+    for index in range(6):
+        _assert_same(store.read_shard(index), _arrays(index))
+    assert len(store_module._OPEN.entries) == 3 and store_module._OPEN.open_files == 12
+    tight = store_module._OpenShards(windows=100, files=9)
+    monkeypatch.setattr(store_module, "_OPEN", tight)
+    for index in range(6):
+        store.read_shard(index)
+    assert len(tight.entries) == 2 and tight.open_files == 8
+    _assert_same(store.read_shard(0), _arrays(0))  # evicted, mapped again
+
+
+def test_rebuild_shard_replaces_only_a_corrupt_shard(tmp_path):
+    store = _store(tmp_path)
+    store.write_shard(2, _arrays(2))
+    assert not store.rebuild_shard(2, lambda i: pytest.fail("an intact shard was rebuilt"))
+    _flip_byte(_fidelity_path(store, 2))
+    reader = _store(tmp_path)
+    with pytest.raises(CorruptShardError):
+        reader.read_shard(2)
+    assert reader.rebuild_shard(2, _arrays)
+    _assert_same(reader.read_shard(2), _arrays(2))
+    _assert_same(_store(tmp_path).read_shard(2), _arrays(2))
+    assert _leftovers(store) == []
+
+
+def test_discard_if_empty_removes_only_what_nobody_wrote(tmp_path):
+    store = ShardStore(tmp_path / "a" / "b", KEY, NAME)
+    store.check_writable()
+    assert store.discard_if_empty()
+    assert not (tmp_path / "a").exists()
+    store.write_shard(0, _arrays(0))
+    assert not store.discard_if_empty() and store.has_shard(0)
+    assert store.remove_all() and not store.folder.exists() and not store.remove_all()
+    assert store.write_shard(0, _arrays(0))  # the store can be built again
+    _assert_same(store.read_shard(0), _arrays(0))

@@ -15,6 +15,8 @@ from drrl_env.envs.observation import ObservationBuilder, ObservationLayout, Ste
 from drrl_env.rewards import Reward, fidelity_term
 
 RESET_OPTIONS = ("window",)
+PLANNED_WINDOWS = 256
+"""Windows whose observation plans an environment keeps (teacher-forced backends)."""
 
 
 class DynamicRankEnv(gym.Env):
@@ -183,6 +185,7 @@ class DynamicRankEnv(gym.Env):
             self.steps,
         )
         self._t: int | None = None
+        self._plans: dict[int, Any] = {}
 
     @property
     def step_index(self) -> int | None:
@@ -234,7 +237,9 @@ class DynamicRankEnv(gym.Env):
             )
         }
         self._raw_sums: dict[str, float] = {}
-        self._observe(self.backend.begin(self.window))
+        view = self.backend.begin(self.window)
+        self._plan = self._episode_plan(self.window)
+        self._observe(view)
         return self._observation, {"window": self.window}
 
     def step(self, action):
@@ -242,7 +247,11 @@ class DynamicRankEnv(gym.Env):
             raise RuntimeError("step() called before reset()")
         if self._t >= self.steps:
             raise RuntimeError("step() called after the episode ended; call reset()")
-        if isinstance(action, bool | np.bool_) or not self.action_space.contains(action):
+        if type(action) is int or type(action) is np.int64:  # the common case, checked fast
+            valid = 0 <= action < self.action_space.n
+        else:
+            valid = not isinstance(action, bool | np.bool_) and self.action_space.contains(action)
+        if not valid:
             raise ValueError(
                 f"action={action!r} is not in {self.action_space}: pass an int index "
                 f"0..{self.action_space.n - 1}"
@@ -290,7 +299,7 @@ class DynamicRankEnv(gym.Env):
             info["episode_summary"] = self._summary()
             self._observation = self.builder.terminal(self._state(0, 0))
         else:
-            self._observe(self.backend.view())
+            self._observe(None if self._plan is not None else self.backend.view())
         return self._observation, float(terms["reward"]), terminated, False, info
 
     def action_masks(self) -> np.ndarray:
@@ -372,12 +381,31 @@ class DynamicRankEnv(gym.Env):
             cost,
         )
 
+    def _episode_plan(self, window: int):
+        """The observation plan of ``window`` when the backend knows the whole episode.
+
+        A teacher-forced backend's views do not depend on the actions, so the static part
+        of every observation is computed once per window (kept for the last windows) and a
+        step fills in what the actions change; other backends build each observation.
+        """
+        views = self.backend.episode_views(window)
+        if views is None:
+            return None
+        if window not in self._plans:
+            if len(self._plans) >= PLANNED_WINDOWS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[window] = self.builder.plan(*views)
+        return self._plans[window]
+
     def _observe(self, view) -> None:
         segment, layer = divmod(self._t, self.n_layers)
         state = self._state(segment, layer)
-        self._observation, self._perturbations = self.builder.build(
-            state, view.spectrum, view.input_stats
-        )
+        if self._plan is not None:
+            self._observation, self._perturbations = self.builder.fill(self._plan, self._t, state)
+        else:
+            self._observation, self._perturbations = self.builder.build(
+                state, view.spectrum, view.input_stats
+            )
         if self.wall is not None:
             self._mask = self.wall.allowed(self._t, self._spent)
         else:

@@ -161,6 +161,19 @@ class ObservationLayout:
         return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class EpisodePlan:
+    """The static entries of an episode's observations (:meth:`ObservationBuilder.plan`).
+
+    Attributes:
+        base: (steps, size) float64 observations with the dynamic entries left at 0.
+        cumulative: (steps, d + 1) cumulative spectrum of each step, from 0.
+    """
+
+    base: np.ndarray
+    cumulative: np.ndarray
+
+
 @dataclass
 class StepState:
     """Where an episode stands, as the observation needs it."""
@@ -248,6 +261,58 @@ class ObservationBuilder:
         if self.layout.budgeted:
             parts.append(self.budget_features(state))
         return np.concatenate(parts).astype(np.float32), perturbations
+
+    # -- the fast path: a whole episode's static entries at once -----------------------------
+
+    def plan(self, spectra: np.ndarray, input_stats: np.ndarray) -> EpisodePlan:
+        """Every entry of an episode's observations that the agent's choices cannot change.
+
+        Args:
+            spectra: (steps, d) spectrum of each step (segment-major, layer-minor).
+            input_stats: (steps, 3) layer-input statistics of each step.
+
+        Returns:
+            The plan :meth:`fill` completes step by step; ``fill(plan, state)`` equals
+            :meth:`build` of the same step (a test checks every entry).
+        """
+        check_finite("spectrum", spectra)
+        check_finite("input_stats", input_stats)
+        steps = spectra.shape[0]
+        cumulative = np.concatenate([np.zeros((steps, 1)), np.cumsum(spectra, axis=1)], axis=1)
+        t = np.arange(steps)
+        segment, layer = t // self.n_layers, t % self.n_layers
+        base = np.zeros((steps, self.layout.size), dtype=np.float64)
+        slices = self.layout.slices
+        base[:, slices["layer"]] = (layer / max(self.n_layers - 1, 1))[:, None]
+        base[:, slices["segment"]] = (segment / max(self.n_segments - 1, 1))[:, None]
+        base[:, slices["energy"]] = np.clip(cumulative[:, self.action_ranks], 0.0, 1.0)
+        base[:, slices["action_cost"]] = self.action_costs[segment]
+        base[:, slices["sequence_dynamics"]] = np.clip(input_stats, -1.0, 1.0)
+        base[:, slices["layer_weights"]] = self.weight_stats[layer]
+        return EpisodePlan(base, cumulative)
+
+    def fill(self, plan: EpisodePlan, step: int, state: StepState) -> tuple[np.ndarray, np.ndarray]:
+        """The observation of ``step`` from its plan and the episode's state (see :meth:`plan`)."""
+        cumulative = plan.cumulative[step]
+        energy = cumulative[self.action_ranks]
+        perturbations = np.sqrt(
+            np.clip(np.abs(energy - cumulative[state.prev_rank_layer]), 0.0, 1.0)
+        )
+        row = plan.base[step].copy()
+        slices = self.layout.slices
+        row[slices["prev_rank_layer"]] = state.prev_rank_layer / self.head_dim
+        row[slices["prev_rank_step"]] = state.prev_rank_step / self.head_dim
+        row[slices["perturbation"]] = perturbations
+        row[slices["flops_spent"]] = self.spent_ratio(state.spent)
+        if self.layout.input_costs:
+            row[slices["kept_prev_layer"]] = min(max(state.prev_kept_layer, 0.0), 1.0)
+            row[slices["cost_prev_layer"]] = min(max(state.prev_cost_layer, 0.0), MAX_FLOPS_RATIO)
+        if self.layout.budgeted:
+            left, steps_left, per_step = self.budget_features(state)
+            row[slices["budget_left"]] = left
+            row[slices["steps_left"]] = steps_left
+            row[slices["budget_per_step"]] = per_step
+        return row.astype(np.float32), perturbations
 
     def terminal(self, state: StepState) -> np.ndarray:
         """The observation after the last step: zeros but the FLOPs (and budget) features."""

@@ -98,6 +98,13 @@ class Backend(Protocol):
     def view(self) -> LayerView:
         """The view of the next layer call (after :meth:`execute`)."""
 
+    def episode_views(self, window: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every view of ``window`` at once when they do not depend on the actions.
+
+        Returns (spectra (steps, d), input_stats (steps, 3)) for a teacher-forced backend,
+        None for a closed-loop one (views then come from :meth:`view` step by step).
+        """
+
     def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
         """Raw measurements of every action at (segment, layer), without executing.
 

@@ -81,6 +81,10 @@ class LiveBackend:
         self._request = self._live.start()
         return self.view()
 
+    def episode_views(self, window: int) -> None:
+        """None: closed loop, each view follows the settings chosen before it."""
+        return None
+
     def view(self) -> LayerView:
         return LayerView(self._request.spectrum, self._request.input_stats)
 

@@ -105,7 +105,7 @@ def calibrated_basis(config: EnvConfig, lm, scope: str):
     from drrl_env.lm.calibration import calibrate_basis
     from drrl_env.store import ShardStore
 
-    key = {**data_key(config), "scope": scope, "windows": CALIBRATION_WINDOWS, "format": 3}
+    key = {**data_key(config), "scope": scope, "windows": CALIBRATION_WINDOWS, "format": 4}
     store = ShardStore(cache_root(config) / "bases", key, f"{config.model}-{scope}")
     if store.has_shared():
         return torch.from_numpy(np.array(store.read_shared(mmap=False)["basis"]))
