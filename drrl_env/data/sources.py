@@ -97,6 +97,9 @@ class Source:
     """Whether ``corpus`` may carry ``:OPTION`` after the registered name."""
     rule: ClassVar[str] = "each document of the source"
     """What a document is, for messages."""
+    reads_folder: ClassVar[bool | None] = None
+    """Kinds read from the local ``data_path`` alone: whether it is a folder (True) or a
+    file (False); their :meth:`resolve` is this class's. None: the kind resolves itself."""
 
     @classmethod
     def resolve(
@@ -112,7 +115,10 @@ class Source:
             ValueError: On a bad option or argument.
             DataNotFoundError: If ``data_path`` does not exist or is not what the kind reads.
         """
-        raise NotImplementedError
+        if cls.reads_folder is None:
+            raise NotImplementedError(f"{cls.__name__} must define resolve() or reads_folder")
+        path = local_path(corpus, data_path, cls.reads_folder, cls.rule)
+        return cls(corpus, corpus, path, text_field)
 
     def describe(self) -> str:
         """A short name of the source for messages: the path, or the hub dataset."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drrl_env.data.documents import Document, read_text_folder, text_files
-from drrl_env.data.sources import Source, digest_fingerprint, file_identity, local_path
+from drrl_env.data.sources import Source, digest_fingerprint, file_identity
 
 
 @dataclass(frozen=True)
@@ -15,15 +14,7 @@ class FolderSource(Source):
 
     rule = "a folder: each .txt file is a document"
 
-    @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
-        return cls(corpus, corpus, local_path(corpus, data_path, True, cls.rule), text_field)
+    reads_folder = True
 
     def fingerprint(self) -> str:
         parts = [[p.name, *file_identity(p)] for p in text_files(self.path)]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drrl_env.data.documents import Document, parse_jsonl, read_text_file
-from drrl_env.data.sources import Source, digest_fingerprint, file_identity, local_path
+from drrl_env.data.sources import Source, digest_fingerprint, file_identity
 
 
 @dataclass(frozen=True)
@@ -15,15 +14,7 @@ class JsonlSource(Source):
 
     rule = "JSON Lines: one object per line, each a document"
 
-    @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
-        return cls(corpus, corpus, local_path(corpus, data_path, False, cls.rule), text_field)
+    reads_folder = False
 
     def fingerprint(self) -> str:
         parts = [file_identity(self.path), ["text_field", self.text_field]]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drrl_env.data.documents import Document, read_text_file, split_plain_text
-from drrl_env.data.sources import Source, digest_fingerprint, file_identity, local_path
+from drrl_env.data.sources import Source, digest_fingerprint, file_identity
 
 
 @dataclass(frozen=True)
@@ -15,15 +14,7 @@ class TextSource(Source):
 
     rule = "plain text: separate documents by blank lines, or put one document per line"
 
-    @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
-        return cls(corpus, corpus, local_path(corpus, data_path, False, cls.rule), text_field)
+    reads_folder = False
 
     def fingerprint(self) -> str:
         return digest_fingerprint(self.kind, [file_identity(self.path)])
