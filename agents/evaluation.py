@@ -14,8 +14,9 @@ Columns: ``policy``, ``window``, ``backend``, ``return``, ``mean_fidelity``, ``f
 and ``requested_actions`` (JSON, segments x layers), ``ranks`` and ``requested_ranks``
 (the ranks of those actions), ``rewards`` (JSON, per step), ``kept_fraction`` (keys
 attended exactly over causal keys), ``perplexity``, ``perplexity_full``, ``mean_kl`` (mean
-token KL of the next-token distributions to exact attention's) and ``top1_agreement`` (live
-backend; empty on the cached one) and ``env_config`` (JSON of the
+token KL of the next-token distributions to exact attention's), ``top1_agreement`` and
+``retrieval_correct`` (1.0 or 0.0 on windows that expect an answer, e.g. passkey; empty on
+others) (live backend; empty on the cached one) and ``env_config`` (JSON of the
 env configuration, cache folder and device left out); a run of :mod:`agents.compare` adds
 :data:`RUN_COLUMNS` in its ``per_window.csv``. Replay re-derives every number within the
 tolerances of :mod:`drrl_env.replay`: FLOPs, counts and ranks exactly, measured numbers
@@ -84,6 +85,7 @@ COLUMNS = (
     "perplexity_full",
     "mean_kl",
     "top1_agreement",
+    "retrieval_correct",
     "env_config",
 )
 SUMMARY_COLUMNS = (
@@ -94,8 +96,9 @@ SUMMARY_COLUMNS = (
     "mean_rank",
     "kept_fraction",
 )
-LIVE_COLUMNS = ("perplexity", "perplexity_full", "mean_kl", "top1_agreement")
-"""Measured against exact attention by the live backend (NaN on the cached one)."""
+LIVE_COLUMNS = ("perplexity", "perplexity_full", "mean_kl", "top1_agreement", "retrieval_correct")
+"""Measured against exact attention by the live backend (NaN on the cached one;
+``retrieval_correct`` is NaN on windows that expect no answer)."""
 DERIVED_COLUMNS = ("return", *SUMMARY_COLUMNS, "masked_actions", *LIVE_COLUMNS)
 RUN_COLUMNS = ("seed", "kind", "method", "attention_flops_full")
 """Columns :mod:`agents.compare` adds to the leaderboard columns in ``per_window.csv``."""

@@ -28,6 +28,7 @@ _TOPK = {"method": "topk"}
 _BUDGET = {"method": "topk", "keeps": (0.25, 0.5), "budget": 0.6}
 _TOPP = {"method": "topp", "ranks": (8, 16, 64)}
 _LONG = {"seq_len": 4096, "segment_length": 512}
+_MIX = {"corpus": "mix"}
 _TINY_LONG = {**_TINY, "seq_len": 2048, "segment_length": 512}
 # topp budgets sit above each shape's floor (rank 8, p = 0: 0.24 of exact attention at
 # 1024 tokens, 0.16 at 4096; the tiny model's 0.37 at 512 and 0.19 at 2048 tokens).
@@ -46,6 +47,18 @@ ENV_IDS: dict[str, dict] = {
     "DRRL-Long-TopP-v0": {"backend": "cached", **_LONG, **_TOPP},
     "DRRL-Long-TopP-Live-v0": {"backend": "live", **_LONG, **_TOPP},
     "DRRL-Long-TopP-Budget-v0": {"backend": "cached", **_LONG, **_TOPP, "budget": 0.3},
+    "DRRL-Mix-TopP-v0": {"backend": "cached", **_MIX, **_TOPP},
+    "DRRL-Mix-TopP-Live-v0": {"backend": "live", **_MIX, **_TOPP},
+    "DRRL-Mix-TopP-Budget-v0": {"backend": "cached", **_MIX, **_TOPP, "budget": 0.4},
+    "DRRL-Long-Mix-TopP-v0": {"backend": "cached", **_LONG, **_MIX, **_TOPP},
+    "DRRL-Long-Mix-TopP-Live-v0": {"backend": "live", **_LONG, **_MIX, **_TOPP},
+    "DRRL-Long-Mix-TopP-Budget-v0": {
+        "backend": "cached",
+        **_LONG,
+        **_MIX,
+        **_TOPP,
+        "budget": 0.3,
+    },
     "DRRL-Tiny-v0": {**_TINY, "method": "calibrated"},
     "DRRL-Tiny-Live-v0": {**_TINY, "method": "calibrated", "backend": "live"},
     "DRRL-Tiny-TopK-v0": {**_TINY, **_TOPK},
@@ -55,6 +68,8 @@ ENV_IDS: dict[str, dict] = {
     "DRRL-Tiny-Long-TopP-v0": {**_TINY_LONG, **_TOPP},
     "DRRL-Tiny-Long-TopP-Live-v0": {**_TINY_LONG, **_TOPP, "backend": "live"},
     "DRRL-Tiny-Long-TopP-Budget-v0": {**_TINY_LONG, **_TOPP, "budget": 0.3},
+    "DRRL-Tiny-Mix-TopP-v0": {**_TINY, **_MIX, **_TOPP},
+    "DRRL-Tiny-Mix-TopP-Live-v0": {**_TINY, **_MIX, **_TOPP, "backend": "live"},
 }
 """Registered id -> the ``gym.make`` keywords it stands for (see the README's table).
 

@@ -23,6 +23,7 @@ from agents import (
     replay_csv,
     summarize,
 )
+from agents.evaluation import LIVE_COLUMNS
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
 from drrl_env.replay import ReplayMismatch
 
@@ -78,11 +79,11 @@ def test_one_row_per_policy_and_window(board):
     assert (frame[frame.policy == "mppo"].masked_actions == 0).all()
     oracle, full_return = frame[frame.policy == "greedy_oracle"], full["return"].to_numpy()
     assert (oracle["return"].to_numpy() > full_return).all()
-    for column in ("perplexity", "perplexity_full", "mean_kl", "top1_agreement"):
+    for column in LIVE_COLUMNS:
         assert frame[column].isna().all(), column
     header, first = path.read_text().splitlines()[:2]
     assert header.split(",")[:4] == ["policy", "window", "backend", "return"]
-    assert ']",,,,,"{' in first, "cached rows leave the four live fields empty"
+    assert ']",,,,,,"{' in first, "cached rows leave the five live fields empty"
     table = summarize(frame)
     assert len(table) == 6 and table["return"].is_monotonic_decreasing
     assert table.loc["greedy_oracle", "masked_actions"] == 0

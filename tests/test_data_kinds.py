@@ -97,6 +97,7 @@ def test_every_kind_is_registered_in_order() -> None:
         "code",
         "passkey",
         "passkey-ruler",
+        "mix",
     )
     spellings = corpus_spellings()
     assert spellings[5:] == (
@@ -104,6 +105,7 @@ def test_every_kind_is_registered_in_order() -> None:
         "code[:<glob>]",
         "passkey[:<seed>]",
         "passkey-ruler[:<seed>]",
+        "mix[:<seed>]",
     )
     for name in corpus_names():
         assert issubclass(corpus_class(name), Source)

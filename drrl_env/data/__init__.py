@@ -19,6 +19,8 @@ Kinds (``corpus=``), one :class:`~drrl_env.data.sources.Source` subclass each un
 ``passkey[:SEED]``         passkey retrieval windows (Landmark / LongLoRA format) over
                            WikiText filler; each window carries its answer and needle depth.
 ``passkey-ruler[:SEED]``   the same with RULER's single needle (word-pair key, 7 digits).
+``mix[:SEED]``             prose, code and passkey windows in turn (``kind`` and ``answer``
+                           per window).
 =========================  ================================================================
 
 With ``data_path`` given and ``corpus`` left at ``wikitext-2``, the kind is detected from the
@@ -136,3 +138,4 @@ register_corpus("hf", "drrl_env.data.kinds.hub:HubSource")
 register_corpus("code", "drrl_env.data.kinds.code:CodeSource")
 register_corpus("passkey", "drrl_env.data.kinds.passkey:PasskeySource")
 register_corpus("passkey-ruler", "drrl_env.data.kinds.passkey:RulerPasskeySource")
+register_corpus("mix", "drrl_env.data.kinds.mix:MixSource")

@@ -15,6 +15,7 @@
 ``code[:GLOB]``     source files of a folder (default: this Python's standard library).
 ``passkey[:SEED]``  passkey retrieval windows over WikiText filler (``passkey-ruler``:
                     RULER's single needle).
+``mix[:SEED]``      prose, code and passkey windows in turn.
 ==================  =======================================================================
 
 When ``data_path`` is given and ``corpus`` is left at ``wikitext-2``, the kind is detected from

@@ -113,7 +113,10 @@ class DynamicRankEnv(gym.Env):
     keeps) chosen; the live backend adds the window's perplexity with those settings and at
     exact attention, the mean token KL divergence of the next-token distributions to exact
     attention's (``mean_kl``, nats) and the fraction of tokens whose most likely next token
-    is exact attention's (``top1_agreement``).
+    is exact attention's (``top1_agreement``). On windows that expect an answer (``passkey``,
+    and the passkey windows of ``mix``) it also generates the answer greedily with the chosen
+    settings still active: ``retrieval_correct`` (1.0 or 0.0), ``retrieval_correct_full``
+    (exact attention), ``answer`` and ``generated``; mix windows name their ``window_kind``.
 
     ## Arguments
 

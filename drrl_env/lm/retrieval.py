@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 
-from drrl_env.lm.attention import install_input_hooks
 from drrl_env.lm.controller import AttentionController, LayerRequest
 from drrl_env.lm.models import LoadedModel
 from drrl_env.lm.runner import (
+    Continuation,
     Schedule,
     _as_token_tensor,
     _check_segment_length,
     _schedule_function,
-    forward_with_cache,
+    forward_segments,
     resolve_method,
     segment_bounds,
 )
@@ -66,22 +65,17 @@ def greedy_tokens(
         ValueError: On a bad window, schedule or ``max_new_tokens``, or if the window and the
             generated tokens exceed the model's context.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    continuation = Continuation(max_new_tokens)
     ids = _as_token_tensor(tokens, lm)
-    if ids.numel() + max_new_tokens > lm.max_positions:
-        raise ValueError(
-            f"{ids.numel()} window tokens and {max_new_tokens} generated exceed the context of "
-            f"{lm.name} ({lm.max_positions})"
-        )
     bounds = segment_bounds(ids.numel(), _check_segment_length(segment_length))
     choose = _schedule_function(schedule, len(bounds), lm.n_layers)
     current = [0]  # the segment whose settings apply; the last one while generating
 
     def decide(request: LayerRequest):
         return choose(current[0], request)
+
+    def on_segment(segment: int) -> None:
+        current[0] = segment
 
     controller = AttentionController(
         resolve_method(lm, method, basis),
@@ -90,23 +84,9 @@ def greedy_tokens(
         keep=keep,
         record=False,
     )
-    install_input_hooks(lm.model)
-    eos = getattr(lm.tokenizer, "eos_token_id", None)
-    generated: list[int] = []
-    with torch.no_grad(), controller.activate():
-        cache = None
-        for segment, (start, stop) in enumerate(bounds):
-            current[0] = segment
-            out, cache = forward_with_cache(lm.model, ids[None, start:stop], cache)
-        for step in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
-            if token == eos:
-                break
-            generated.append(token)
-            if step + 1 < max_new_tokens:
-                step_ids = torch.tensor([[token]], dtype=torch.long, device=ids.device)
-                out, cache = forward_with_cache(lm.model, step_ids, cache)
-    return generated
+    with torch.no_grad():
+        forward_segments(lm, ids, segment_length, controller, on_segment, continuation=continuation)
+    return continuation.tokens
 
 
 def greedy_answer(

@@ -60,6 +60,7 @@ class WindowResult:
     kept: np.ndarray | None = None  # (S, L) keys attended exactly / causal keys (realised)
     comparison: TokenComparison | None = None  # against exact attention's next-token log-probs
     logprobs: torch.Tensor | None = None  # (n_predicted, V) float32, when asked to keep them
+    generated: list[int] | None = None  # greedy continuation ids, when asked to generate
 
     @property
     def mean_kl(self) -> float | None:
@@ -234,6 +235,50 @@ def forward_with_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache):
     return out, getattr(out, name)
 
 
+@dataclass
+class Continuation:
+    """Greedy decoding after a window's last segment, over the window's KV cache.
+
+    Each generated token is one more call of every layer with the controller still active
+    (so the approximate attention decides the answer); ``before`` runs first, e.g. to fix
+    the settings generation uses. The ids land in ``tokens`` (end-of-sequence excluded).
+    """
+
+    max_new_tokens: int
+    before: Callable[[], None] | None = None
+    tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        count = self.max_new_tokens
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {count!r}")
+
+    def check_room(self, lm: LoadedModel, n_tokens: int) -> None:
+        """Raise ValueError if the window and the generated tokens exceed the context."""
+        if n_tokens + self.max_new_tokens > lm.max_positions:
+            raise ValueError(
+                f"{n_tokens} window tokens and {self.max_new_tokens} generated exceed the "
+                f"context of {lm.name} ({lm.max_positions})"
+            )
+
+    def run(self, lm: LoadedModel, out, cache) -> list[int]:
+        """Generate from the last segment's output ``out`` and ``cache``; return the ids."""
+        if self.before is not None:
+            self.before()
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        device = out.logits.device
+        self.tokens = []
+        for step in range(self.max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token == eos:
+                break
+            self.tokens.append(token)
+            if step + 1 < self.max_new_tokens:
+                step_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+                out, cache = forward_with_cache(lm.model, step_ids, cache)
+        return self.tokens
+
+
 def forward_segments(
     lm: LoadedModel,
     tokens,
@@ -242,6 +287,7 @@ def forward_segments(
     on_segment: Callable[[int], None] | None = None,
     comparison: TokenComparison | None = None,
     logprobs: list[torch.Tensor] | None = None,
+    continuation: Continuation | None = None,
 ) -> tuple[float, int]:
     """Feed a window segment by segment over the KV cache with ``controller`` active.
 
@@ -253,12 +299,18 @@ def forward_segments(
         on_segment: Called with the segment index before each segment runs.
         comparison: Compares each segment's next-token distributions with exact attention's.
         logprobs: Receives each segment's next-token log-probs (T, V) float32 on the CPU.
+        continuation: Greedy decoding after the last segment (its ``tokens`` receive the ids).
 
     Returns:
         The summed negative log-likelihood of the predicted tokens and their number.
+
+    Raises:
+        ValueError: If the window and the continuation exceed the model's context.
     """
     ids = _as_token_tensor(tokens, lm)
     bounds = segment_bounds(ids.numel(), _check_segment_length(segment_length))
+    if continuation is not None:
+        continuation.check_room(lm, ids.numel())
     install_input_hooks(lm.model)
     nll_sum, cache = 0.0, None
     with controller.activate():
@@ -273,6 +325,8 @@ def forward_segments(
                 comparison.update(start, logits)
             if logprobs is not None:
                 logprobs.append(F.log_softmax(logits, dim=-1).cpu())
+        if continuation is not None:
+            continuation.run(lm, out, cache)
     return nll_sum, ids.numel() - 1
 
 
@@ -290,6 +344,7 @@ def run_window(
     gradient: LossGradient | None = None,
     reference: torch.Tensor | None = None,
     keep_logprobs: bool = False,
+    generate: int = 0,
 ) -> WindowResult:
     """Run one window segment by segment with a setting per (segment, layer).
 
@@ -313,9 +368,16 @@ def run_window(
             (:func:`exact_logprobs`): the result then holds the mean token KL and top-1
             agreement against them.
         keep_logprobs: Keep this run's next-token log-probs in the result.
+        generate: Then decode this many tokens greedily (``result.generated``; fewer at
+            end-of-sequence), every layer at the setting it had in the last segment (the
+            schedule is not asked again; nothing is recorded or measured).
 
     Returns:
         A :class:`WindowResult`.
+
+    Raises:
+        ValueError: On a bad schedule, or if the window and ``generate`` tokens exceed the
+            model's context.
     """
     ids = _as_token_tensor(tokens, lm)
     segment_length = _check_segment_length(segment_length)
@@ -343,8 +405,15 @@ def run_window(
     controller.probes = probes
     comparison = None if reference is None else TokenComparison(reference)
     logprobs: list[torch.Tensor] | None = [] if keep_logprobs else None
+
+    def last_segment_settings() -> None:
+        last = [record.setting for record in controller.records[-lm.n_layers :]]
+        controller.decide = lambda request: last[request.layer]
+        controller.record, controller.probes, controller.on_record = False, (), None
+
+    continuation = Continuation(generate, last_segment_settings) if generate else None
     nll_sum, n_predicted = forward_segments(
-        lm, ids, segment_length, controller, on_segment, comparison, logprobs
+        lm, ids, segment_length, controller, on_segment, comparison, logprobs, continuation
     )
     result = collect(
         controller.records,
@@ -358,18 +427,21 @@ def run_window(
     result.comparison = comparison
     if logprobs is not None:
         result.logprobs = torch.cat(logprobs)
+    if continuation is not None:
+        result.generated = continuation.tokens
     return result
 
 
 def exact_logprobs(
-    lm: LoadedModel, tokens, segment_length: int
+    lm: LoadedModel, tokens, segment_length: int, generate: int = 0
 ) -> tuple[WindowResult, torch.Tensor]:
     """The window at exact attention and its next-token log-probs (n_predicted, V) float32.
 
     The reference of :class:`TokenComparison`: the same segment-wise pass over the KV cache
     as every approximate run, so an exact setting compares at KL 0 and agreement 1.
+    ``generate`` > 0 also decodes that many tokens greedily (``result.generated``).
     """
-    result = run_window(lm, tokens, segment_length, "full", keep_logprobs=True)
+    result = run_window(lm, tokens, segment_length, "full", keep_logprobs=True, generate=generate)
     return result, result.logprobs
 
 
@@ -409,6 +481,9 @@ def collect(
 class LiveWindow:
     """Closed-loop run of one window, one decision at a time.
 
+    Takes :func:`run_window`'s options; with ``generate`` the greedy continuation runs after
+    the last decision, every layer at its last-segment setting (``result.generated``).
+
     Example:
         >>> live = LiveWindow(lm, tokens, segment_length=256, method="gram")
         >>> request = live.start()
@@ -428,6 +503,7 @@ class LiveWindow:
         terms: Sequence[str] = ("cosine",),
         gradient: LossGradient | None = None,
         reference: torch.Tensor | None = None,
+        generate: int = 0,
     ) -> None:
         self.lm, self.tokens, self.segment_length = lm, tokens, segment_length
         self.method = resolve_method(lm, method, basis)
@@ -436,6 +512,7 @@ class LiveWindow:
             "terms": terms,
             "gradient": gradient,
             "reference": reference,
+            "generate": generate,
         }
         self._records: list[LayerRecord] = []
         self._worker: greenlet | None = None

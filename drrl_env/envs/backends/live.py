@@ -3,7 +3,13 @@
 The settings chosen so far change the inputs of later layers, so errors compound, and the
 window's perplexity at the end is real, as are its mean token KL divergence to exact
 attention and its top-1 agreement with it (against exact attention's next-token log-probs
-of the same window, computed once per window with one exact pass). Several live
+of the same window, computed once per window with one exact pass). A window that carries an
+``answer`` (``passkey`` windows, and those of a ``mix``) is then continued greedily for
+:data:`~drrl_env.lm.retrieval.MAX_NEW_TOKENS` tokens with the approximate attention still
+active, every layer at its last-segment setting; ``retrieval_correct`` is 1.0 when the first
+integer of that answer is the expected one (:func:`~drrl_env.lm.retrieval.score_answer`),
+and ``retrieval_correct_full`` is the same for exact attention. Mix windows also name
+their kind (``window_kind``). Several live
 environments of one process share the model (each window runs in a greenlet of its own,
 with its own controller).
 """
@@ -20,9 +26,9 @@ from drrl_env.envs.backends.base import LayerView
 from drrl_env.envs.backends.resources import (
     build_method,
     cost_table,
-    load_split_windows,
     model_shape,
     shared_model,
+    split_window_set,
     weight_statistics,
 )
 from drrl_env.envs.config import EnvConfig
@@ -41,7 +47,9 @@ class LiveBackend:
         self.shape = model_shape(self.lm)
         self.actions = ActionGrid.from_config(config, self.shape.head_dim)
         self.weight_stats = weight_statistics(self.lm)
-        self.tokens = load_split_windows(config, self.lm.tokenizer)
+        windows = split_window_set(config, self.lm.tokenizer)
+        self.tokens = windows.tokens
+        self.metadata = dict(windows.metadata)
         self.n_windows = len(self.tokens)
         self.method = build_method(config, self.shape, self.lm)
         self.costs = cost_table(self.method, config, self.shape, self.actions)
@@ -51,6 +59,7 @@ class LiveBackend:
         self._live = None
         self._request = None
         self._full: dict[int, tuple[float, float]] = {}
+        self._full_answers: dict[int, str] = {}
         self._references: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._window = 0
 
@@ -77,9 +86,22 @@ class LiveBackend:
             terms=self.terms,
             gradient=gradient,
             reference=self.reference(window),
+            generate=self._generate(window),
         )
         self._request = self._live.start()
         return self.view()
+
+    def answer(self, window: int) -> str | None:
+        """The answer ``window`` expects after its last token (retrieval windows), else None."""
+        answers = self.metadata.get("answer")
+        if answers is None or not str(answers[window]):
+            return None
+        return str(answers[window])
+
+    def _generate(self, window: int) -> int:
+        from drrl_env.lm.retrieval import MAX_NEW_TOKENS
+
+        return MAX_NEW_TOKENS if self.answer(window) is not None else 0
 
     def episode_views(self, window: int) -> None:
         """None: closed loop, each view follows the settings chosen before it."""
@@ -112,8 +134,12 @@ class LiveBackend:
         if window in self._references:
             self._references.move_to_end(window)
             return self._references[window]
-        result, logprobs = exact_logprobs(self.lm, self.tokens[window], self.config.segment_length)
+        result, logprobs = exact_logprobs(
+            self.lm, self.tokens[window], self.config.segment_length, self._generate(window)
+        )
         self._full[window] = (result.perplexity, result.nll_sum / result.n_predicted)
+        if result.generated is not None:
+            self._full_answers[window] = self.lm.tokenizer.decode(result.generated)
         self._references[window] = logprobs
         while len(self._references) > 1 and (
             sum(r.numel() * r.element_size() for r in self._references.values()) > REFERENCE_BYTES
@@ -128,9 +154,11 @@ class LiveBackend:
         return self._full[window]
 
     def finish(self) -> dict:
+        from drrl_env.lm.retrieval import score_answer
+
         result = self._live.result
         perplexity_full, mean_nll_full = self.full_rank(self._window)
-        return {
+        summary = {
             "perplexity": result.perplexity,
             "perplexity_full": perplexity_full,
             "mean_nll": result.nll_sum / result.n_predicted,
@@ -138,6 +166,19 @@ class LiveBackend:
             "mean_kl": result.mean_kl,
             "top1_agreement": result.top1_agreement,
         }
+        if "kind" in self.metadata:  # mix windows: prose, code or passkey
+            summary["window_kind"] = str(self.metadata["kind"][self._window])
+        expected = self.answer(self._window)
+        if expected is not None:
+            generated = self.lm.tokenizer.decode(result.generated)
+            full = self._full_answers[self._window]
+            summary.update(
+                answer=expected,
+                generated=generated,
+                retrieval_correct=float(score_answer(generated, expected)),
+                retrieval_correct_full=float(score_answer(full, expected)),
+            )
+        return summary
 
     def close(self) -> None:
         if self._live is not None:

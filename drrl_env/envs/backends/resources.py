@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from drrl_env.envs.actions import ActionGrid
 from drrl_env.envs.backends.base import CostTable, ModelShape
 from drrl_env.envs.config import EnvConfig
 from drrl_env.paths import cache_dir as default_cache_dir
+
+if TYPE_CHECKING:
+    from drrl_env.data import WindowSet
 
 CALIBRATION_WINDOWS = 8
 """Train windows the calibrated bases are estimated on."""
@@ -62,9 +65,14 @@ def weight_statistics(lm) -> np.ndarray:
 
 def load_split_windows(config: EnvConfig, tokenizer) -> np.ndarray:
     """Token windows (n, seq_len) of the configured split (tokenisation is cached)."""
+    return split_window_set(config, tokenizer).tokens
+
+
+def split_window_set(config: EnvConfig, tokenizer) -> WindowSet:
+    """The configured split's windows with their metadata (e.g. passkey ``answer``)."""
     from drrl_env.data import load_windows
 
-    windows = load_windows(
+    return load_windows(
         tokenizer,
         config.seq_len,
         split=config.split,
@@ -75,7 +83,6 @@ def load_split_windows(config: EnvConfig, tokenizer) -> np.ndarray:
         text_field=config.text_field,
         cache_dir=cache_root(config),
     )
-    return windows.tokens
 
 
 def data_key(config: EnvConfig) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""What experiment scripts share: statistics for comparing policies (more to move here)."""

@@ -1,0 +1,179 @@
+"""Intervals for comparing policies: paired bootstrap over windows, IQM over seeds.
+
+Tables that compare two policies on the same windows report the mean paired difference with
+a 95 % bootstrap interval (:func:`paired_difference`, through ``scipy.stats.bootstrap``); a
+difference whose interval contains 0 is reported as "no difference" (:meth:`Interval.verdict`),
+never as a ranking. Scores over seeds and tasks are aggregated with the interquartile mean
+and a stratified bootstrap over runs (:func:`iqm_interval`), the estimator and interval of
+Agarwal et al. (2021), "Deep RL at the Edge of the Statistical Precipice" (``rliable``).
+``rliable`` itself is not a dependency: its 1.2 release requires ``arch < 8``, and those
+``arch`` releases do not import beside pandas 3.
+
+Example:
+    >>> from harness.statistics import paired_difference
+    >>> paired_difference([0.010, 0.020, 0.015, 0.012], [0.012, 0.018, 0.016, 0.011]).verdict()
+    'no difference'
+
+Bootstrap intervals over a handful of windows are too narrow (with 3 windows there are 10
+distinct resamples): read intervals over fewer than about 8 windows as rough.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 10_000
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a confidence interval.
+
+    Attributes:
+        estimate: The statistic on the data (a mean, a mean difference, an IQM).
+        low, high: The interval's bounds (NaN when ``n`` < 2: no interval exists).
+        n: Paired samples (windows) or runs the interval rests on.
+        confidence: Its confidence level.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    confidence: float = CONFIDENCE
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the whole interval lies on one side of 0 (False without an interval)."""
+        return bool(self.low > 0 or self.high < 0)
+
+    def verdict(self, lower: str = "lower", higher: str = "higher") -> str:
+        """``lower``/``higher`` when the interval excludes 0, else ``"no difference"``."""
+        if not self.excludes_zero:
+            return "no difference"
+        return lower if self.high < 0 else higher
+
+    def format(self, digits: int = 3, scientific: bool = False) -> str:
+        """``estimate [low, high]`` (``estimate (n=1)`` without an interval)."""
+        spec = f".{digits - 1}e" if scientific else f".{digits}g"
+        if math.isnan(self.low):
+            return f"{self.estimate:{spec}} (n={self.n})"
+        return f"{self.estimate:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
+
+def _values(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} holds NaN or infinite values: {array.tolist()}")
+    return array
+
+
+def mean_interval(
+    values: Sequence[float],
+    confidence: float = CONFIDENCE,
+    n_resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """The mean of ``values`` with a bootstrap interval (BCa; percentile where BCa is undefined).
+
+    Fewer than 2 values have no interval (NaN bounds); identical values give the
+    degenerate interval [mean, mean].
+
+    Raises:
+        ValueError: If ``values`` is empty, not 1-D, or not finite, or ``confidence`` is not
+            in (0, 1).
+    """
+    array = _values(values, "values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    mean = float(array.mean())
+    if array.size < 2:
+        return Interval(mean, math.nan, math.nan, 1, confidence)
+    if np.all(array == array[0]):
+        return Interval(mean, mean, mean, array.size, confidence)
+    low, high = math.nan, math.nan
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BCa's degenerate-sample warning: fall back
+            result = stats.bootstrap(
+                (array,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=n_resamples,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = result.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            break
+    return Interval(mean, float(low), float(high), array.size, confidence)
+
+
+def paired_difference(
+    a: Sequence[float],
+    b: Sequence[float],
+    confidence: float = CONFIDENCE,
+    n_resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """Mean of ``a - b`` over paired samples (the same windows) with a bootstrap interval.
+
+    Windows are resampled together, so what the two policies share (a window's difficulty)
+    cancels: the interval is that of the mean paired difference.
+
+    Raises:
+        ValueError: If the sequences differ in length or are empty or not finite.
+    """
+    first, second = _values(a, "a"), _values(b, "b")
+    if first.shape != second.shape:
+        raise ValueError(f"paired samples differ in length: {first.size} and {second.size}")
+    return mean_interval(first - second, confidence, n_resamples, seed)
+
+
+def iqm(values: Sequence[float] | np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50 % (``scipy.stats.trim_mean(x, 0.25)``)."""
+    return float(stats.trim_mean(np.asarray(values, dtype=np.float64).ravel(), 0.25))
+
+
+def iqm_interval(
+    scores: np.ndarray,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = 2_000,
+    seed: int = SEED,
+) -> Interval:
+    """IQM of a (runs, tasks) score matrix with a stratified bootstrap interval.
+
+    Each resample draws, for every task (column) separately, as many runs as there are with
+    replacement, and takes the IQM of all the drawn scores (rliable's
+    ``get_interval_estimates`` with ``StratifiedBootstrap``); the interval is the resamples'
+    percentile interval. One run has no interval.
+
+    Raises:
+        ValueError: If ``scores`` is not a non-empty 2-D finite array.
+    """
+    matrix = np.asarray(scores, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    if matrix.ndim != 2 or matrix.size == 0 or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"scores must be a finite (runs, tasks) array, got shape {matrix.shape}")
+    runs, tasks = matrix.shape
+    estimate = iqm(matrix)
+    if runs < 2:
+        return Interval(estimate, math.nan, math.nan, runs, confidence)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(runs, size=(n_resamples, runs, tasks))
+    resampled = np.take_along_axis(matrix[None], draws, axis=1).reshape(n_resamples, -1)
+    values = stats.trim_mean(resampled, 0.25, axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), runs, confidence)
