@@ -1,0 +1,361 @@
+"""The headroom table: does choosing per window beat the best static allocation, and where?
+
+For each budget (a cap on an episode's executed attention FLOPs, as a fraction of exact
+attention's) and each kind of text (``prose``, ``code``, ``passkey`` and their ``mix``), the
+schedules of :mod:`agents.allocations` are fitted on the cached train windows of that kind
+(teacher forced: every action's fidelity and realised FLOPs at every cell) and played closed
+loop on the held-out windows of that kind, on the live backend, against the exact model on
+the same window:
+
+- ``uniform``: the best single action; ``global_p``: the training-free top-p rule (one
+  rank, the largest mass target that meets the budget); ``static_layer``: the best
+  per-layer allocation (exact knapsack); ``random_search`` and ``greedy_search``: per-layer
+  allocations found with ``--evaluations`` evaluations each;
+- ``per_window_optimum``: the exact knapsack on the eval window's own cached values and
+  costs (not deployable: the ceiling of what adaptivity can buy).
+
+Each row holds the mean token KL to exact attention, top-1 agreement, the change of
+perplexity, retrieval accuracy (passkey windows), the live FLOPs ratio, all with 95 %
+bootstrap intervals over windows, and the paired difference of KL against
+``static_layer`` with its interval: a difference whose interval contains 0 reads "no
+difference". The ``topp`` method sets one (rank, p) per layer call for all heads, so there
+is no per-(layer, kv head) allocation to fit. The agents of ``compare_agents`` are not part
+of this table.
+
+Writes ``episodes.csv`` (one row per live episode, appended as each finishes: ``--resume``
+skips the finished ones), ``headroom.csv``, ``headroom.md`` (generated from the CSV) and
+``headroom.png`` under ``<out_dir>/<run_name>``.
+
+    python experiments/adaptivity.py                                 # mix at 1024 tokens
+    python experiments/adaptivity.py --env-id DRRL-Long-Mix-TopP-v0 --budgets 0.3 0.2
+    python experiments/adaptivity.py --train-windows 6 --eval-windows 6 --resume
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import torch
+import tyro
+from tqdm import tqdm
+
+import drrl_env
+from agents.allocations import (
+    Problem,
+    best_uniform,
+    global_mass_rule,
+    greedy_search,
+    per_window_optimum,
+    random_search,
+    static_per_layer,
+)
+from agents.reporting import markdown_from_frame
+from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from drrl_env.data.kinds.mix import MIX_KINDS
+from drrl_env.inspect import rollout_array
+from drrl_env.replay import replay
+from harness.statistics import mean_interval, paired_difference
+
+POLICIES = (
+    "uniform",
+    "global_p",
+    "static_layer",
+    "random_search",
+    "greedy_search",
+    "per_window_optimum",
+)
+REFERENCE = "static_layer"
+KEY = ("budget", "kind", "policy", "window")
+METRICS = ("mean_kl", "top1_agreement", "delta_ppl_pct", "retrieval_correct", "flops_ratio")
+COLUMNS_MD = (
+    ("kind", "kind", "{}"),
+    ("budget", "budget", "{:g}"),
+    ("policy", "policy", "{}"),
+    ("mean token KL", "mean_kl", "{}"),
+    ("KL − static_layer", "kl_vs_static", "{}"),
+    ("verdict", "verdict", "{}"),
+    ("top-1 agreement", "top1_agreement", "{}"),
+    ("Δ ppl", "delta_ppl_pct", "{}"),
+    ("retrieval", "retrieval_correct", "{}"),
+    ("FLOPs / exact (live)", "flops_ratio", "{}"),
+    ("windows", "windows", "{}"),
+)
+
+
+@dataclass(frozen=True)
+class Args:
+    """Deployable allocations against the per-window optimum, per kind of text and budget."""
+
+    env_id: str = "DRRL-Mix-TopP-v0"
+    """A registered cached id whose method has input-dependent costs (``topp``)."""
+    budgets: tuple[float, ...] = (0.5, 0.3)
+    """FLOPs budgets, fractions of exact attention's (counted causally), each in (0, 1]."""
+    kinds: tuple[str, ...] = ("prose", "code", "passkey", "mix")
+    """Kinds of text: the mix's own kinds (its windows of that kind) and ``mix`` (all)."""
+    train_windows: int = 12
+    """Train-split windows the schedules are fitted on (a mix: a multiple of 3)."""
+    eval_windows: int = 24
+    """Held-out windows every schedule is played on, live (a mix: a multiple of 3)."""
+    evaluations: int = 500
+    """Candidate evaluations random and greedy search each get (one evaluation: a candidate
+    scored on every train window, from the cached lookups)."""
+    rule_rank: int = 16
+    """Rank of the selection estimate the global top-p rule uses."""
+    seed: int = 0
+    """Seed of the random search."""
+    out_dir: str = "results"
+    """Parent folder of the run folder."""
+    run_name: str = "adaptivity"
+    """Run folder inside out_dir."""
+    overwrite: bool = False
+    """Start again in an existing run folder."""
+    resume: bool = False
+    """Keep the finished episodes and play the rest."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the model."""
+    threads: int = 2
+    """Torch threads."""
+
+    def __post_init__(self) -> None:
+        kwargs = drrl_env.ENV_IDS.get(self.env_id)
+        if kwargs is None:
+            raise ArgumentError(
+                f"env_id: {self.env_id!r} is not registered; registered: "
+                f"{', '.join(drrl_env.ENV_IDS)}"
+            )
+        if kwargs.get("backend", "cached") != "cached":
+            raise ArgumentError(f"env_id: {self.env_id!r} is not a cached id")
+        for name in ("train_windows", "eval_windows", "evaluations", "threads", "rule_rank"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise ArgumentError(f"budgets must be in (0, 1], got {self.budgets}")
+        if len(set(self.budgets)) != len(self.budgets) or len(set(self.kinds)) != len(self.kinds):
+            raise ArgumentError("budgets and kinds must not repeat")
+        mixed = kwargs.get("corpus") == "mix"
+        allowed = (*MIX_KINDS, "mix") if mixed else (kwargs.get("corpus", "wikitext-2"),)
+        for kind in self.kinds:
+            if kind not in allowed:
+                raise ArgumentError(f"kinds: {kind!r} is not one of {allowed} for {self.env_id}")
+        check_device(self.device)
+
+    def env_kwargs(self, split: str, windows: int) -> dict:
+        """The envs' keywords: no budget wall, no guardrail (schedules are played as given)."""
+        return {
+            "split": split,
+            "max_windows": windows,
+            "budget": None,
+            "max_perturbation": 1.0,
+            "device": self.device,
+        }
+
+
+def window_kinds(env: gym.Env, n_windows: int) -> np.ndarray:
+    """Each window's kind: a mix alternates its kinds (window ``i``: ``MIX_KINDS[i % 3]``)."""
+    corpus = env.unwrapped.config.corpus
+    if corpus.partition(":")[0] == "mix":
+        return np.array([MIX_KINDS[i % len(MIX_KINDS)] for i in range(n_windows)])
+    return np.array([corpus] * n_windows)
+
+
+def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """(values, costs), each (W, S, L, A): cached cosine and realised FLOPs per cell as a
+    fraction of an episode's exact attention FLOPs."""
+    base = env.unwrapped
+    values = rollout_array(base.backend, "cosine").astype(np.float64)
+    episode_full = float(base.costs.full.sum() * base.n_layers)
+    if base.costs.static:
+        per_cell = np.broadcast_to(base.costs.executed[:, None, :], values.shape[1:])
+        costs = np.broadcast_to(per_cell, values.shape)
+    else:
+        costs = rollout_array(base.backend, "flops").astype(np.float64)
+    return values, np.asarray(costs, dtype=np.float64) / episode_full
+
+
+def rule_candidates(env: gym.Env, rank: int) -> np.ndarray:
+    """Actions at ``rank`` ordered by increasing mass target (the global top-p rule)."""
+    grid = env.unwrapped.actions
+    chosen = np.flatnonzero(grid.ranks == rank)
+    if chosen.size == 0:
+        raise ArgumentError(
+            f"rule_rank: {rank} is not a rank of the grid {sorted(set(grid.ranks))}"
+        )
+    return chosen[np.argsort(grid.keeps[chosen], kind="stable")]
+
+
+def fitted_schedules(problem: Problem, candidates: np.ndarray, args: Args) -> dict:
+    """The deployable schedules of one (kind, budget), by policy; a policy that cannot meet
+    the budget is left out with a note."""
+    fitters = {
+        "uniform": lambda: best_uniform(problem),
+        "global_p": lambda: global_mass_rule(problem, candidates),
+        "static_layer": lambda: static_per_layer(problem),
+        "random_search": lambda: random_search(problem, args.evaluations, args.seed),
+        "greedy_search": lambda: greedy_search(problem, args.evaluations),
+    }
+    schedules, notes = {}, {}
+    for name, fit in fitters.items():
+        try:
+            schedules[name] = fit()
+        except ValueError as error:
+            notes[name] = str(error)
+    return schedules, notes
+
+
+def live_row(live: gym.Env, window: int, actions: np.ndarray) -> dict:
+    """One live episode of a fixed schedule: quality against exact attention and FLOPs."""
+    result = replay(live.unwrapped, window, actions)
+    summary = result.summary
+    if not np.array_equal(np.asarray(summary["actions"]), actions):
+        raise RuntimeError("the live env changed the schedule (guardrail or budget wall)")
+    return {
+        "mean_kl": summary["mean_kl"],
+        "top1_agreement": summary["top1_agreement"],
+        "delta_ppl_pct": 100 * (summary["perplexity"] / summary["perplexity_full"] - 1),
+        "retrieval_correct": summary.get("retrieval_correct", math.nan),
+        "retrieval_correct_full": summary.get("retrieval_correct_full", math.nan),
+        "flops_ratio": summary["flops_ratio"],
+    }
+
+
+def headroom(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (kind, budget, policy): each metric's mean with its interval over windows, and
+    the paired KL difference against ``static_layer`` on the same windows."""
+    table = []
+    for (kind, budget), group in rows.groupby(["kind", "budget"], sort=False, observed=True):
+        reference = group[group["policy"] == REFERENCE].set_index("window")
+        for policy, part in group.groupby("policy", sort=False, observed=True):
+            part = part.set_index("window").sort_index()
+            row = {"kind": kind, "budget": budget, "policy": policy, "windows": len(part)}
+            for metric in METRICS:
+                values = part[metric].dropna()
+                row[metric] = (
+                    mean_interval(values).format(scientific=metric == "mean_kl")
+                    if len(values)
+                    else math.nan
+                )
+                row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+            shared = part.index.intersection(reference.index)
+            if policy != REFERENCE and len(shared):
+                diff = paired_difference(
+                    part.loc[shared, "mean_kl"], reference.loc[shared, "mean_kl"]
+                )
+                row["kl_vs_static"] = diff.format(scientific=True)
+                row["kl_vs_static_low"], row["kl_vs_static_high"] = diff.low, diff.high
+                row["verdict"] = diff.verdict("lower KL", "higher KL")
+            table.append(row)
+    return pd.DataFrame(table)
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path:
+    """Mean KL against live FLOPs, one panel per kind, one marker per policy and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(table["kind"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        part = table[table["kind"] == kind]
+        for policy in dict.fromkeys(part["policy"]):
+            rows = part[part["policy"] == policy]
+            ax.plot(rows["flops_ratio_mean"], rows["mean_kl_mean"], "o-", label=policy)
+        ax.set(xlabel="executed FLOPs / exact (live)", ylabel="mean token KL", title=kind)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> Path:
+    """Fit every schedule on train windows, play it live on eval windows, write the table."""
+    folder = RunFolder(
+        Path(args.out_dir) / args.run_name,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        ignored=("out_dir", "run_name", "overwrite", "resume", "threads", "device"),
+    )
+    folder.check(asdict(args))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    train = gym.make(args.env_id, **args.env_kwargs("train", args.train_windows))
+    evaluation = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows))
+    live = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows), backend="live")
+    folder.prepare(asdict(args), torch=torch.__version__)
+    train_values, train_costs = measurements(train)
+    eval_values, eval_costs = measurements(evaluation)
+    train_kinds = window_kinds(train, len(train_values))
+    eval_kinds = window_kinds(evaluation, len(eval_values))
+    candidates = rule_candidates(train, args.rule_rank)
+    plans, notes = [], {}
+    for budget in args.budgets:
+        for kind in args.kinds:
+            fit = np.ones(len(train_kinds), bool) if kind == "mix" else train_kinds == kind
+            scored = np.flatnonzero(
+                np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
+            )
+            if not fit.any() or not scored.size:
+                raise ArgumentError(f"no {kind} windows among the first train/eval windows")
+            problem = Problem(train_values[fit], train_costs[fit], budget)
+            schedules, skipped = fitted_schedules(problem, candidates, args)
+            notes.update({f"{kind} {budget:g} {k}": v for k, v in skipped.items()})
+            for window in scored:
+                for policy, schedule in schedules.items():
+                    plans.append((budget, kind, policy, int(window), schedule))
+                try:
+                    optimum = per_window_optimum(eval_values[window], eval_costs[window], budget)
+                except ValueError as error:
+                    notes[f"{kind} {budget:g} per_window_optimum {window}"] = str(error)
+                else:
+                    plans.append((budget, kind, "per_window_optimum", int(window), optimum))
+    log = RowLog(folder.path / "episodes.csv", KEY)
+    done = log.keys()
+    played: dict[tuple[int, bytes], dict] = {}
+    todo = [p for p in plans if log.key_of(dict(zip(KEY, p[:4], strict=True))) not in done]
+    todo.sort(key=lambda plan: plan[3])  # window by window: its exact reference runs once
+    for budget, kind, policy, window, schedule in tqdm(todo, desc="live episodes", unit="ep"):
+        key = (window, schedule.tobytes())
+        if key not in played:  # the same schedule on the same window measures the same
+            played[key] = live_row(live, window, schedule)
+        index = np.take_along_axis(eval_costs[window], schedule[..., None], -1)
+        row = {
+            "budget": budget,
+            "kind": kind,
+            "policy": policy,
+            "window": window,
+            "window_kind": eval_kinds[window],
+            "planned_flops_ratio": float(index.sum()),
+            **played[key],
+            "actions": json.dumps(schedule.tolist()),
+        }
+        log.append(pd.DataFrame([row]))
+    rows = log.read()
+    order = {"kind": list(args.kinds), "budget": list(args.budgets), "policy": list(POLICIES)}
+    for column, values in order.items():
+        rows[column] = pd.Categorical(rows[column], categories=values, ordered=True)
+    rows = rows.sort_values(["kind", "budget", "policy", "window"])
+    table = headroom(rows)
+    table.to_csv(folder.path / "headroom.csv", index=False)
+    written = pd.read_csv(folder.path / "headroom.csv")
+    (folder.path / "headroom.md").write_text(markdown_from_frame(written, COLUMNS_MD))
+    plot(written, folder.path / "headroom.png")
+    folder.update_config(wall_s=time.perf_counter() - started, episodes=len(rows), notes=notes)
+    print((folder.path / "headroom.md").read_text())
+    for where, note in notes.items():
+        print(f"left out: {where}: {note}")
+    return folder.path
+
+
+if __name__ == "__main__":
+    run_main(main, tyro.cli(Args))

@@ -1,0 +1,219 @@
+"""Schedules of agents.allocations against brute force on small hand-made problems, and the
+adaptivity script on the tiny mix id."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agents.allocations import (
+    Problem,
+    best_uniform,
+    global_mass_rule,
+    greedy_search,
+    layer_frontiers,
+    per_window_optimum,
+    random_search,
+    static_per_layer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problem(budget: float, seed: int = 0, windows: int = 3, shape=(2, 3, 4)) -> Problem:
+    """Values rise with cost (with noise); costs on a grid of 1/400 so knapsacks are exact."""
+    rng = np.random.default_rng(seed)
+    segments, layers, actions = shape
+    base = np.sort(rng.integers(1, 40, size=(windows, segments, layers, actions)), axis=-1)
+    costs = base / 400.0
+    values = np.log1p(base) + rng.normal(0, 0.05, size=base.shape)
+    return Problem(values, costs, budget)
+
+
+def _all_per_layer(problem: Problem):
+    layers, actions = problem.shape[1], problem.values.shape[-1]
+    for allocation in itertools.product(range(actions), repeat=layers):
+        schedule = problem.per_layer(np.array(allocation))
+        value, cost = problem.score(schedule)
+        yield schedule, value, cost
+
+
+def test_problem_checks_its_arrays() -> None:
+    with pytest.raises(ValueError, match="both be"):
+        Problem(np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 3, 5)), 0.5)
+    with pytest.raises(ValueError, match="budget"):
+        Problem(np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 3, 4)), 1.5)
+
+
+def test_score_sums_cells_and_averages_windows() -> None:
+    problem = _problem(0.5)
+    schedule = np.array([[0, 1, 2], [3, 0, 1]])
+    value, cost = problem.score(schedule)
+    s, l_ = np.indices(schedule.shape)
+    assert value == pytest.approx(problem.values[:, s, l_, schedule].sum(axis=(1, 2)).mean())
+    assert cost == pytest.approx(problem.costs[:, s, l_, schedule].sum(axis=(1, 2)).mean())
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.4, 0.6])
+def test_static_per_layer_is_the_best_feasible_per_layer_allocation(budget) -> None:
+    problem = _problem(budget)
+    schedule = static_per_layer(problem)
+    value, cost = problem.score(schedule)
+    best = max(v for _, v, c in _all_per_layer(problem) if problem.fits(c))
+    assert problem.fits(cost) and value == pytest.approx(best)
+    # search finds feasible allocations, never better than the exact knapsack
+    for found in (random_search(problem, 50, 1), greedy_search(problem, 50)):
+        found_value, found_cost = problem.score(found)
+        assert problem.fits(found_cost) and found_value <= value + 1e-12
+        assert (found == found[0]).all(), "per layer: the same action at every segment"
+
+
+def test_uniform_and_global_rule() -> None:
+    problem = _problem(0.4)
+    schedule = best_uniform(problem)
+    assert (schedule == schedule[0, 0]).all()
+    feasible = [
+        (problem.score(np.full(problem.shape, a))[0], a)
+        for a in range(4)
+        if problem.fits(problem.score(np.full(problem.shape, a))[1])
+    ]
+    assert schedule[0, 0] == max(feasible)[1]
+    rule = global_mass_rule(problem, np.array([0, 1, 2, 3]))
+    assert rule[0, 0] == max(a for _, a in feasible)  # the last feasible candidate
+    with pytest.raises(ValueError, match="no single action"):
+        best_uniform(_problem(0.001))
+    with pytest.raises(ValueError, match="no mass target"):
+        global_mass_rule(_problem(0.001), np.array([0, 1]))
+    for fit in (static_per_layer, lambda p: random_search(p, 5), lambda p: greedy_search(p, 5)):
+        with pytest.raises(ValueError, match="below the cheapest"):
+            fit(_problem(0.001))
+
+
+def test_searches_count_their_evaluations() -> None:
+    problem = _problem(0.5)
+    calls = []
+    score = Problem.score
+
+    class Counting(Problem):
+        def score(self, schedule):
+            calls.append(1)
+            return score(self, schedule)
+
+    counting = Counting(problem.values, problem.costs, problem.budget)
+    for evaluations in (1, 3, 7, 40):
+        calls.clear()
+        greedy_search(counting, evaluations)
+        assert len(calls) <= evaluations
+        calls.clear()
+        random_search(counting, evaluations)
+        assert len(calls) == evaluations
+    np.testing.assert_array_equal(random_search(problem, 20, 3), random_search(problem, 20, 3))
+    with pytest.raises(ValueError, match="evaluations"):
+        greedy_search(problem, 0)
+
+
+def test_layer_frontiers_drop_dominated_actions() -> None:
+    values = np.array([[1.0, 3.0, 2.0, 3.0]])
+    costs = np.array([[1.0, 2.0, 3.0, 4.0]])
+    (frontier,) = layer_frontiers(values, costs)
+    assert frontier.tolist() == [0, 1]  # 2 costs more and is worth less; 3 is worth no more
+
+
+def test_per_window_optimum_is_the_best_schedule_of_its_window() -> None:
+    problem = _problem(0.3, windows=1, shape=(2, 2, 3))
+    values, costs = problem.values[0], problem.costs[0]
+    schedule = per_window_optimum(values, costs, 0.3)
+    cells = np.indices(schedule.shape)
+    best = -np.inf
+    for choice in itertools.product(range(3), repeat=4):
+        table = np.array(choice).reshape(2, 2)
+        if costs[cells[0], cells[1], table].sum() <= 0.3 + 1e-12:
+            best = max(best, values[cells[0], cells[1], table].sum())
+    assert costs[cells[0], cells[1], schedule].sum() <= 0.3 + 1e-12
+    assert values[cells[0], cells[1], schedule].sum() == pytest.approx(best)
+
+
+# --- the script -----------------------------------------------------------------------------
+
+
+def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRRL_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "adaptivity.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
+    from drrl_env.data import DataNotFoundError, resolve_source
+
+    try:
+        resolve_source("mix")
+    except DataNotFoundError:
+        pytest.skip("no local WikiText-2")
+    args = [
+        "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
+        "--eval-windows", "3", "--evaluations", "10", "--out-dir", str(tmp_path),
+        "--threads", "1",
+    ]  # fmt: skip
+    result = _run(args, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "adaptivity"
+    rows = pd.read_csv(folder / "episodes.csv")
+    kinds = {"prose": 1, "code": 1, "passkey": 1, "mix": 3}
+    assert set(rows["policy"]) >= {"static_layer", "per_window_optimum", "uniform"}
+    for kind, windows in kinds.items():
+        part = rows[rows["kind"] == kind]
+        assert part.groupby("policy")["window"].nunique().eq(windows).all(), kind
+    passkey = rows[rows["window_kind"] == "passkey"]
+    assert passkey["retrieval_correct"].isin([0.0, 1.0]).all()
+    assert rows.loc[rows["window_kind"] != "passkey", "retrieval_correct"].isna().all()
+    optimum = rows[rows["policy"] == "per_window_optimum"]
+    assert (optimum["planned_flops_ratio"] <= 0.6 + 1e-9).all()
+    assert (rows["mean_kl"] >= 0).all() and rows["top1_agreement"].between(0, 1).all()
+    for actions in rows["actions"]:
+        assert np.asarray(json.loads(actions)).shape == (4, 4)
+    table = pd.read_csv(folder / "headroom.csv")
+    assert len(table) == len(rows.groupby(["kind", "budget", "policy"]))
+    static = table[table["policy"] == "static_layer"]
+    assert static["verdict"].isna().all()
+    others = table[table["policy"] != "static_layer"]
+    assert others["verdict"].isin(["lower KL", "higher KL", "no difference"]).all()
+    markdown = (folder / "headroom.md").read_text()
+    assert markdown.startswith("| kind | budget | policy | mean token KL |")
+    assert (folder / "headroom.png").read_bytes().startswith(b"\x89PNG")
+    # resuming plays nothing again; a different argument is refused
+    again = _run([*args, "--resume"], tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(pd.read_csv(folder / "episodes.csv")) == len(rows)
+    changed = _run([*args, "--resume", "--evaluations", "11"], tmp_path / "cache")
+    assert changed.returncode == 2 and "evaluations" in changed.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--env-id", "DRRL-Tiny-Mix-TopP-Live-v0"], "is not a cached id"),
+        (["--budgets", "1.5"], "budgets must be in"),
+        (["--kinds", "poetry"], "kinds: 'poetry'"),
+        (["--train-windows", "0"], "train_windows must be >= 1"),
+    ],
+)
+def test_adaptivity_script_refuses_bad_arguments(tmp_path, extra, message) -> None:
+    result = _run(
+        ["--env-id", "DRRL-Tiny-Mix-TopP-v0", *extra, "--out-dir", str(tmp_path)], tmp_path
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "adaptivity").exists()
