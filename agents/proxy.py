@@ -95,7 +95,8 @@ def cached_proxies(cached: gym.Env, window: int, actions: np.ndarray) -> dict[st
 
 
 def live_change(live: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
-    """The live episode of a schedule: perplexities and the change of log-perplexity."""
+    """The live episode of a schedule: perplexities, the change of log-perplexity, and the
+    mean token KL and top-1 agreement against exact attention on the same window."""
     result = replay(live.unwrapped, window, actions)
     perplexity, full = result.summary["perplexity"], result.summary["perplexity_full"]
     flops = result.summary["flops_ratio"]
@@ -103,24 +104,30 @@ def live_change(live: gym.Env, window: int, actions: np.ndarray) -> dict[str, fl
         "perplexity": perplexity,
         "perplexity_full": full,
         "delta_log_ppl": math.log(perplexity / full),
+        "mean_kl": result.summary["mean_kl"],
+        "top1_agreement": result.summary["top1_agreement"],
         "flops_ratio": flops,
     }
 
 
 def correlations(rows: pd.DataFrame) -> pd.DataFrame:
-    """Spearman and Pearson correlation of each term's predicted damage with the live one."""
+    """Spearman and Pearson correlation of each term's predicted damage with the live one.
+
+    ``spearman``/``pearson`` against the change of log-perplexity; ``spearman_kl``/
+    ``pearson_kl`` against the mean token KL to exact attention (NaN when the rows have no
+    ``mean_kl``, e.g. runs from before it was measured).
+    """
     table = []
+    has_kl = "mean_kl" in rows and rows["mean_kl"].notna().all()
     for term, (column, _) in PROXIES.items():
         # Spearman's rho: Pearson's r of the ranks (ties share their average rank)
-        rho = rows[column].rank().corr(rows["delta_log_ppl"].rank())
-        r = rows[column].corr(rows["delta_log_ppl"], method="pearson")
-        table.append(
-            {
-                "term": term,
-                "proxy": column,
-                "spearman": rho,
-                "pearson": r,
-                "schedules": len(rows),
-            }
-        )
+        record = {"term": term, "proxy": column}
+        for suffix, target in (("", "delta_log_ppl"), ("_kl", "mean_kl")):
+            if target == "mean_kl" and not has_kl:
+                record[f"spearman{suffix}"] = record[f"pearson{suffix}"] = math.nan
+                continue
+            record[f"spearman{suffix}"] = rows[column].rank().corr(rows[target].rank())
+            record[f"pearson{suffix}"] = rows[column].corr(rows[target], method="pearson")
+        record["schedules"] = len(rows)
+        table.append(record)
     return pd.DataFrame(table).sort_values("spearman", ascending=False, ignore_index=True)

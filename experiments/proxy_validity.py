@@ -5,9 +5,11 @@ thresholds, greedy oracles of several reward settings, random mixtures of two ac
 played twice: on the cached backend, where each fidelity term's raw measurement is summed
 over the episode (teacher forced, every cell measured on the inputs of exact attention),
 and on the live backend, which runs the model closed loop and measures the window's
-perplexity. For each term, the Spearman rank correlation between its predicted damage
-(``sum(1 - cosine)``, ``sum(dnll_taylor)``, ``sum(dnll_fisher)``) and the live change of
-log-perplexity says how well the term ranks schedules by what they cost the model.
+perplexity and the mean token KL of its next-token distributions to exact attention's. For
+each term, the Spearman rank correlation between its predicted damage (``sum(1 - cosine)``,
+``sum(dnll_taylor)``, ``sum(dnll_fisher)``) and each live target (the change of
+log-perplexity; the KL, far less noisy) says how well the term ranks schedules by what they
+cost the model.
 
 Writes ``schedules.csv`` (one row per window and schedule, appended as each finishes:
 ``--resume`` skips the finished ones), ``correlations.csv`` and ``correlations.md``
@@ -39,8 +41,10 @@ KEY = ("window", "schedule")
 COLUMNS_MD = (
     ("fidelity term", "term", "{}"),
     ("predicted damage", "proxy", "{}"),
-    ("Spearman ρ", "spearman", "{:.3f}"),
-    ("Pearson r", "pearson", "{:.3f}"),
+    ("Spearman ρ vs Δlog-ppl", "spearman", "{:.3f}"),
+    ("Pearson r vs Δlog-ppl", "pearson", "{:.3f}"),
+    ("Spearman ρ vs KL", "spearman_kl", "{:.3f}"),
+    ("Pearson r vs KL", "pearson_kl", "{:.3f}"),
     ("schedules", "schedules", "{}"),
 )
 
@@ -108,24 +112,31 @@ def smallest_magnitude(values: pd.Series) -> float:
 
 
 def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
-    """One panel per term: predicted damage (cached) vs live change of log-perplexity."""
+    """One panel per term and live target: predicted damage (cached) vs the live damage
+    (change of log-perplexity; mean token KL when measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PROXIES), figsize=(5 * len(PROXIES), 4.2))
+    targets = [("delta_log_ppl", "spearman", "live change of log-perplexity")]
+    if "mean_kl" in rows and rows["mean_kl"].notna().all():
+        targets.append(("mean_kl", "spearman_kl", "live mean token KL"))
+    fig, axes = plt.subplots(
+        len(targets), len(PROXIES), figsize=(5 * len(PROXIES), 4.2 * len(targets)), squeeze=False
+    )
     kinds = rows["schedule"].str.split("_").str[0]
-    for ax, (term, (column, label)) in zip(axes, PROXIES.items(), strict=True):
-        for kind in dict.fromkeys(kinds):
-            part = rows[kinds == kind]
-            ax.scatter(part[column], part["delta_log_ppl"], s=14, label=kind, alpha=0.8)
-        rho = float(table.loc[table["term"] == term, "spearman"].iloc[0])
-        ax.set(xlabel=label, ylabel="live change of log-perplexity", title=f"{term}: ρ = {rho:.3f}")
-        ax.set_xscale("symlog", linthresh=smallest_magnitude(rows[column]))
-        ax.set_yscale("symlog", linthresh=smallest_magnitude(rows["delta_log_ppl"]))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for row_axes, (target, rho_column, ylabel) in zip(axes, targets, strict=True):
+        for ax, (term, (column, label)) in zip(row_axes, PROXIES.items(), strict=True):
+            for kind in dict.fromkeys(kinds):
+                part = rows[kinds == kind]
+                ax.scatter(part[column], part[target], s=14, label=kind, alpha=0.8)
+            rho = float(table.loc[table["term"] == term, rho_column].iloc[0])
+            ax.set(xlabel=label, ylabel=ylabel, title=f"{term}: ρ = {rho:.3f}")
+            ax.set_xscale("symlog", linthresh=smallest_magnitude(rows[column]))
+            ax.set_yscale("symlog", linthresh=smallest_magnitude(rows[target]))
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -53,6 +53,8 @@ def test_every_schedule_has_its_cached_proxies_and_live_perplexity(run_dir):
     exact = rows[rows["schedule"] == "static_r64"].iloc[0]
     assert exact["sum_one_minus_cosine"] == pytest.approx(0, abs=1e-9)
     assert exact["sum_dnll_taylor"] == 0 and exact["delta_log_ppl"] == pytest.approx(0, abs=1e-9)
+    assert exact["mean_kl"] == pytest.approx(0, abs=1e-9) and exact["top1_agreement"] == 1.0
+    assert (rows["mean_kl"] >= 0).all() and rows["top1_agreement"].between(0, 1).all()
 
 
 def test_correlations_are_computed_from_the_rows(run_dir):
@@ -63,6 +65,8 @@ def test_correlations_are_computed_from_the_rows(run_dir):
     for record in table.to_dict("records"):
         expected = rows[record["proxy"]].rank().corr(rows["delta_log_ppl"].rank())
         assert record["spearman"] == pytest.approx(expected)
+        against_kl = rows[record["proxy"]].rank().corr(rows["mean_kl"].rank())
+        assert record["spearman_kl"] == pytest.approx(against_kl)
         assert record["schedules"] == PLANNED
     assert (folder / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Spearman" in (folder / "correlations.md").read_text()
