@@ -180,7 +180,7 @@ class GreedyOraclePolicy(BaselinePolicy):
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        if env.unwrapped.config.backend != "cached":
+        if not env.unwrapped.teacher_forced:
             raise ValueError("the greedy oracle needs an env with backend='cached'")
         self.env = env.unwrapped
 
@@ -272,7 +272,7 @@ def standard_baselines(
     policies += [StaticRankPolicy(env, s.rank, s.keep) for s in grid.settings[:-1]]
     policies.append(UniformRandomPolicy(env, seed=seed))
     policies += [EnergyThresholdPolicy(env, tau) for tau in taus]
-    if env.unwrapped.config.backend == "cached":
+    if env.unwrapped.teacher_forced:
         policies.append(GreedyOraclePolicy(env))
     return {policy.name: policy for policy in policies}
 

@@ -56,10 +56,10 @@ def fidelity_values(env: gym.Env) -> np.ndarray:
         ValueError: The env's backend is not the cached one.
     """
     base = dynamic_rank_env(env)
-    if base.config.backend != "cached":
+    if not base.teacher_forced:
         raise ValueError("fidelity values are cached lookups: build it with backend='cached'")
     term = base.reward_function.fidelity
-    raw = rollout_array(base.backend, term.raw).astype(np.float64)
+    raw = rollout_array(base, term.raw).astype(np.float64)
     return raw if term.raw == "cosine" else 1.0 - base.steps * raw
 
 
@@ -180,7 +180,7 @@ class LagrangianGreedyPolicy(BaselinePolicy):
         super().__init__(env)
         base = budgeted_env(env)
         check_same_grid(base, train_env)
-        if base.config.backend != "cached":
+        if not base.teacher_forced:
             raise ValueError("the Lagrangian greedy looks up every action: backend='cached'")
         self.env = base
         self.costs = cost_units(base)
@@ -240,7 +240,7 @@ def check_same_grid(base: gym.Env, train_env: gym.Env) -> None:
     train = dynamic_rank_env(train_env)
     if train.actions != base.actions:
         raise ValueError("train_env has another action grid than the env the policy acts in")
-    if train.config.backend != "cached":
+    if not train.teacher_forced:
         raise ValueError("train_env must be cached (its measurements are lookups)")
 
 

@@ -289,7 +289,7 @@ def run_trial(trial: Trial, args: Args) -> dict[str, Any]:
             env.close()
         live = eval_env(args, trial.method)
         try:
-            windows = list(range(live.unwrapped.backend.n_windows))
+            windows = list(range(live.unwrapped.n_windows))
             frame = evaluate_policy_on_windows(model, live, windows, name=trial.policy)
             flops = full_attention_flops(live)
         finally:
@@ -554,7 +554,7 @@ def run(args: Args, folder: RunFolder, entries: list[Entry]) -> Path:
     run_dir, start = folder.path, time.perf_counter()
     log = RowLog(run_dir / "per_window.csv", KEY)
     lives = {method: eval_env(args, method) for method in args.methods}
-    n_windows = {method: live.unwrapped.backend.n_windows for method, live in lives.items()}
+    n_windows = {method: live.unwrapped.n_windows for method, live in lives.items()}
     done = finished(log, run_dir, entries, n_windows)
     dropped = log.retain(done)  # rows of an entry cut short are run again
     todo = [entry for entry in entries if log.key_of(entry.key) not in done]
@@ -620,7 +620,7 @@ def run_baselines(
     """Evaluate the baselines ``names`` of ``method``; write each one as it finishes."""
     if not names:
         return
-    windows = list(range(live.unwrapped.backend.n_windows))
+    windows = list(range(live.unwrapped.n_windows))
     flops = full_attention_flops(live)
     bar = progress.add_task(f"{method}: baselines", total=len(names))
     for name in names:

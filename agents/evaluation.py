@@ -368,9 +368,9 @@ def replay_row(
     where = where or f"{record.get('policy')} window {record.get('window')}"
     _check_row_env(record, base, where)
     window = _int_value(record, "window", where)
-    if not 0 <= window < base.backend.n_windows:
+    if not 0 <= window < base.n_windows:
         raise ReplayMismatch(
-            f"{where}: window {window} is not a window of the env (0..{base.backend.n_windows - 1})"
+            f"{where}: window {window} is not a window of the env (0..{base.n_windows - 1})"
         )
     requested, executed = _schedules(record, base, where)
     rewards = _json_cell(record, "rewards", where)
@@ -392,7 +392,7 @@ def replay_row(
     replayed = dict(derived)
     if "attention_flops_full" in record:
         replayed["attention_flops_full"] = full_attention_flops(base)
-    _compare(record, replayed, base.steps, where)
+    _compare(record, replayed, base.steps, base.bitwise_replay, where)
     _compare_tables(record, result, requested, base, where)
     return {"policy": record["policy"], "window": window, **derived}
 
@@ -448,12 +448,13 @@ def _derived(result: ReplayResult) -> dict[str, Any]:
     }
 
 
-def column_tolerance(column: str, steps: int, backend: str) -> tuple[float, float]:
+def column_tolerance(column: str, steps: int, bitwise: bool) -> tuple[float, float]:
     """(relative, absolute) tolerance of a replayed column (see :mod:`drrl_env.replay`).
 
-    Counts and FLOPs follow from the actions alone, and every cached number is a lookup:
-    they must replay exactly. Measured live numbers get the float32 run-to-run tolerance
-    (summed over the episode for the return).
+    Counts and FLOPs follow from the actions alone, and every number of a backend that
+    replays bit for bit (``bitwise``: ``env.unwrapped.bitwise_replay``, the cached lookups)
+    is a lookup: they must replay exactly. Measured live numbers get the float32 run-to-run
+    tolerance (summed over the episode for the return).
     """
     if column in ("perplexity", "perplexity_full"):
         return PERPLEXITY_RTOL, 0.0
@@ -461,7 +462,7 @@ def column_tolerance(column: str, steps: int, backend: str) -> tuple[float, floa
         return PERPLEXITY_RTOL, KL_ATOL
     if column == "top1_agreement":  # one token whose top two logits tie may flip
         return 0.0, TOP1_ATOL
-    rtol, atol = reward_tolerance(backend)
+    rtol, atol = reward_tolerance(bitwise)
     if column == "return":
         return rtol, atol * steps
     if column in ("mean_fidelity", "mean_perturbation", "kept_fraction"):
@@ -469,12 +470,16 @@ def column_tolerance(column: str, steps: int, backend: str) -> tuple[float, floa
     return EXACT, EXACT
 
 
-def _compare(record: Mapping[str, Any], derived: Mapping[str, Any], steps: int, where: str) -> None:
+def _compare(
+    record: Mapping[str, Any], derived: Mapping[str, Any], steps: int, bitwise: bool, where: str
+) -> None:
+    """The recorded numbers against the replayed ones; ``record``'s backend is the env's
+    (:func:`_check_row_env`), whose ``bitwise_replay`` is ``bitwise``."""
     for column, value in derived.items():
         if column not in record:
             continue
         recorded = _number(record, column, where)
-        rel, abs_ = column_tolerance(column, steps, record["backend"])
+        rel, abs_ = column_tolerance(column, steps, bitwise)
         same = (math.isnan(recorded) and math.isnan(value)) or math.isclose(
             recorded, value, rel_tol=rel, abs_tol=abs_
         )

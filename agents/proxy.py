@@ -80,11 +80,11 @@ def schedules(
 
 def cached_proxies(cached: gym.Env, window: int, actions: np.ndarray) -> dict[str, float]:
     """Each term's predicted damage of a schedule, from the cached (teacher-forced) cells."""
-    shard = cached.unwrapped.backend.cache.shard(window)  # verified
+    base = cached.unwrapped
     index = np.asarray(actions)[..., None]  # (S, L, 1)
 
-    def total(name: str) -> float:
-        return float(np.take_along_axis(np.asarray(shard[name]), index, -1).sum())
+    def total(name: str) -> float:  # verified reads of the window's (S, L, A) cells
+        return float(np.take_along_axis(base.rollout(name, window), index, -1).sum())
 
     steps = actions.size
     return {

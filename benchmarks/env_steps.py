@@ -143,12 +143,19 @@ def timed_episode(env: gym.Env, action: int) -> float:
 
 
 def sdpa_forward(env: gym.Env, repeats: int) -> float:
-    """Median seconds of one plain forward of window 0 with the model's own SDPA attention."""
+    """Median seconds of one plain forward of window 0 with the model's own SDPA attention.
+
+    The model is the process's shared instance for the env's configuration
+    (:func:`~drrl_env.envs.backends.resources.shared_model`, as
+    :func:`drrl_env.inspect.attention_shape` loads it): the very model the live env runs.
+    """
+    from drrl_env.envs.backends.resources import shared_model
     from drrl_env.lm.attention import ATTENTION_NAME
 
-    backend = env.unwrapped.backend
-    model = backend.lm.model
-    ids = torch.as_tensor(backend.tokens[0])[None].to(backend.lm.device)
+    base = env.unwrapped
+    lm = shared_model(base.config.model, base.config.device, base.config.cache_dir)
+    model = lm.model
+    ids = torch.as_tensor(base.tokens[0])[None].to(lm.device)
     seconds = []
     model.set_attn_implementation("sdpa")
     try:

@@ -10,7 +10,10 @@ its rollouts::
     from drrl_env.inspect import layer_fidelity
 
     env = gym.make("DRRL-Tiny-v0")
-    table = layer_fidelity(env.unwrapped.backend)  # (layers, actions)
+    table = layer_fidelity(env.unwrapped)  # (layers, actions)
+
+The per-layer views take a cached environment (``env.unwrapped``) or its backend: anything
+with ``rollout(name)`` (teacher-forced backends only) and ``actions``.
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def attention_shape(env_id: str, **overrides: Any) -> tuple[EnvConfig, ModelShap
 
 
 def rollout_array(backend, name: str) -> np.ndarray:
-    """The cached array ``name`` of every window of a cached backend, stacked (W, ...)."""
-    cache = backend.cache  # verified reads (a corrupt window is rebuilt)
-    return np.stack([np.asarray(cache.shard(w)[name]) for w in range(backend.n_windows)])
+    """The cached array ``name`` of every window of a cached backend, stacked (W, ...).
+
+    ``backend`` is a teacher-forced backend or an environment (``env.unwrapped``): its
+    ``rollout(name)``, whose reads are verified (a corrupt window is rebuilt).
+    """
+    return backend.rollout(name)
 
 
 def layer_fidelity(backend, term: str = "cosine") -> np.ndarray:

@@ -33,9 +33,23 @@ EXACT = 1e-12
 stored float64 values) and everything that follows from the actions alone (FLOPs, ranks)."""
 
 
-def reward_tolerance(backend: str) -> tuple[float, float]:
-    """(relative, absolute) tolerance of a replayed reward on ``backend``."""
-    return (REWARD_RTOL, REWARD_ATOL) if backend == "live" else (EXACT, EXACT)
+def reward_tolerance(bitwise: bool) -> tuple[float, float]:
+    """(relative, absolute) tolerance of a replayed reward.
+
+    Args:
+        bitwise: Whether the backend replays bit for bit (``env.unwrapped.bitwise_replay``:
+            the cached backend's lookups): :data:`EXACT`; else (live) :data:`REWARD_RTOL`
+            and :data:`REWARD_ATOL`.
+
+    Raises:
+        TypeError: ``bitwise`` is not a bool (e.g. a backend name).
+    """
+    if not isinstance(bitwise, bool | np.bool_):
+        raise TypeError(
+            f"reward_tolerance takes whether the backend replays bit for bit "
+            f"(env.unwrapped.bitwise_replay), not {bitwise!r}"
+        )
+    return (EXACT, EXACT) if bitwise else (REWARD_RTOL, REWARD_ATOL)
 
 
 class ReplayMismatch(AssertionError):
@@ -114,8 +128,9 @@ def validate(
 ) -> ReplayResult:
     """Replay and check recorded ``rewards`` (per step) and ``perplexity``.
 
-    Cached rewards must replay exactly; live ones within :data:`REWARD_RTOL` and
-    :data:`REWARD_ATOL`, perplexity within :data:`PERPLEXITY_RTOL`.
+    Rewards of a backend that replays bit for bit (``env.bitwise_replay``: cached) must
+    replay exactly; others (live) within :data:`REWARD_RTOL` and :data:`REWARD_ATOL`,
+    perplexity within :data:`PERPLEXITY_RTOL`.
 
     Args:
         env: The environment the episode was recorded on (same configuration).
@@ -132,7 +147,7 @@ def validate(
         ReplayMismatch: A recorded number is not reproduced within the tolerances, or the
             mask executes other actions than recorded.
     """
-    reward_rtol, reward_atol = reward_tolerance(env.config.backend)
+    reward_rtol, reward_atol = reward_tolerance(env.bitwise_replay)
     result = replay(env, window, actions)
     expected = np.asarray(actions if executed is None else executed)
     if not np.array_equal(result.actions, expected):

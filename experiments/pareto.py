@@ -173,7 +173,7 @@ def main(args: Args) -> Path:
         device=args.device,
         **kwargs,
     )
-    windows = list(range(live.unwrapped.backend.n_windows))
+    windows = list(range(live.unwrapped.n_windows))
     full_flops = float(
         live.unwrapped.backend_flops_full_per_layer().sum() * live.unwrapped.n_layers
     )

@@ -159,7 +159,7 @@ def main(args: Args) -> Path:
     folder.prepare(asdict(args), torch=torch.__version__)
     log = RowLog(folder.path / "schedules.csv", KEY)
     done = log.keys()  # (window, schedule) as the strings the file holds
-    windows = range(cached.unwrapped.backend.n_windows)
+    windows = range(cached.unwrapped.n_windows)
     plans = {
         window: schedules(
             cached,

@@ -243,7 +243,7 @@ def main(args: Args) -> Path:
                 gamma=gamma,
                 device=args.device,
             )
-            windows = list(range(env.unwrapped.backend.n_windows))
+            windows = list(range(env.unwrapped.n_windows))
             full_flops = float(
                 env.unwrapped.backend_flops_full_per_layer().sum() * env.unwrapped.n_layers
             )

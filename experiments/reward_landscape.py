@@ -44,7 +44,7 @@ class Args:
 
 def landscape(env: gym.Env) -> pd.DataFrame:
     """Per policy: mean return, fidelity, FLOPs reduction, distinct ranks chosen."""
-    windows = range(env.unwrapped.backend.n_windows)
+    windows = range(env.unwrapped.n_windows)
     policies = {"full_rank": make_baseline("full_rank", env)}
     for rank in env.unwrapped.ranks[:-1]:
         policies[f"static_{rank}"] = make_baseline("static_rank", env, rank=rank)

@@ -351,6 +351,82 @@ def test_cached_env_pickles(tiny_env):
     np.testing.assert_array_equal(a[-1][0], b[-1][0])
 
 
+# -- what a backend declares it can do ---------------------------------------------------
+
+
+def test_backends_declare_their_capabilities(tiny_env, tiny_live):
+    from drrl_env.envs.backends import Backend
+    from drrl_env.envs.backends.cached import CachedBackend
+    from drrl_env.envs.backends.live import LiveBackend
+
+    assert {"teacher_forced", "bitwise_replay"} <= set(Backend.__annotations__)
+    assert callable(Backend.rollout)
+    cached, live = tiny_env.unwrapped, tiny_live
+    assert isinstance(cached.backend, CachedBackend) and isinstance(live.backend, LiveBackend)
+    assert cached.backend.teacher_forced is True and cached.backend.bitwise_replay is True
+    assert live.backend.teacher_forced is False and live.backend.bitwise_replay is False
+    for env in (cached, live):  # the env forwards what its backend declares
+        assert env.teacher_forced is env.backend.teacher_forced
+        assert env.bitwise_replay is env.backend.bitwise_replay
+        assert env.n_windows == len(env.tokens) == 4
+        assert env.tokens.shape == (4, env.config.seq_len)
+        np.testing.assert_array_equal(env.tokens, env.backend.tokens)
+    np.testing.assert_array_equal(cached.tokens, live.tokens)  # the same windows
+
+
+def test_n_windows_counts_the_windows_reset_can_pin(tiny_env):
+    env = tiny_env.unwrapped
+    for window in range(env.n_windows):
+        assert env.reset(options={"window": window})[1]["window"] == window
+    with pytest.raises(ValueError, match=rf"0\.\.{env.n_windows - 1}"):
+        env.reset(options={"window": env.n_windows})
+
+
+def test_cached_rollout_reads_the_stored_arrays(tiny_env):
+    env = tiny_env.unwrapped
+    cache = env.backend.cache
+    for name in ("cosine", "dnll_taylor", "spectra", "input_stats", "tokens", "mean_nll"):
+        expected = np.stack([np.asarray(cache.shard(w)[name]) for w in range(4)])
+        stacked = env.rollout(name)
+        assert stacked.shape == expected.shape and stacked.dtype == expected.dtype
+        np.testing.assert_array_equal(stacked, expected)
+        np.testing.assert_array_equal(env.backend.rollout(name), expected)
+        for window in range(4):
+            np.testing.assert_array_equal(env.rollout(name, window), expected[window])
+    assert env.rollout("cosine").shape == (4, 4, 4, 8)  # (W, S, L, A)
+    np.testing.assert_array_equal(env.rollout("tokens"), env.tokens)
+
+
+@pytest.mark.parametrize("window", [-1, 4, 1.0, True])
+def test_cached_rollout_refuses_a_window_outside_the_env(tiny_env, window):
+    with pytest.raises(ValueError, match=r"window=.* must be an int in 0\.\.3"):
+        tiny_env.unwrapped.rollout("cosine", window)
+
+
+def test_cached_rollout_names_the_arrays_it_holds(tiny_env):
+    with pytest.raises(KeyError, match="no cached array 'cosin'.*'cosine'"):
+        tiny_env.unwrapped.rollout("cosin")
+    with pytest.raises(KeyError, match="no cached array 'flops'"):  # a static-cost method
+        tiny_env.unwrapped.rollout("flops", 0)
+
+
+def test_live_backend_stores_no_rollouts(tiny_live):
+    for call in (lambda: tiny_live.rollout("cosine"), lambda: tiny_live.rollout("cosine", 0)):
+        with pytest.raises(RuntimeError, match="live backend.*no rollouts.*backend='cached'"):
+            call()
+    with pytest.raises(RuntimeError, match="candidate measurements need backend='cached'"):
+        tiny_live.backend.candidates(0, 0)
+
+
+def test_reward_tolerance_follows_bitwise_replay(tiny_env, tiny_live):
+    from drrl_env.replay import EXACT, REWARD_ATOL, REWARD_RTOL, reward_tolerance
+
+    assert reward_tolerance(tiny_env.unwrapped.bitwise_replay) == (EXACT, EXACT)
+    assert reward_tolerance(tiny_live.bitwise_replay) == (REWARD_RTOL, REWARD_ATOL)
+    with pytest.raises(TypeError, match="bitwise_replay"):
+        reward_tolerance("live")  # a backend's name is not what it can do
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
@@ -432,7 +508,7 @@ def test_a_plain_text_corpus_works(tmp_path):
     lines = [f"Sentence number {i} talks about a topic of its own, briefly." for i in range(400)]
     corpus.write_text("\n".join(lines))
     env = gym.make("DRRL-Tiny-v0", data_path=str(corpus), cache_dir=str(tmp_path / "c"))
-    assert env.unwrapped.backend.n_windows >= 2
+    assert env.unwrapped.n_windows >= 2
     rollout(env, [3] * STEPS)
 
 

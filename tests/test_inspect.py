@@ -57,6 +57,17 @@ def test_layer_energy_and_spectra_are_truncation_order_sums(env):
     np.testing.assert_allclose(mean.sum(axis=1), 1.0)
 
 
+def test_rollout_array_is_the_backends_rollout_of_every_window(env):
+    base = env.unwrapped
+    cache = base.backend.cache  # what rollout_array read before the backend offered rollout
+    for name in ("cosine", "spectra"):
+        shards = np.stack([np.asarray(cache.shard(w)[name]) for w in range(base.n_windows)])
+        for source in (base.backend, base):  # a cached backend, or the env itself
+            np.testing.assert_array_equal(rollout_array(source, name), shards)
+    np.testing.assert_array_equal(layer_fidelity(base), layer_fidelity(base.backend))
+    np.testing.assert_array_equal(layer_energy(base), layer_energy(base.backend))
+
+
 def test_effective_rank_of_flat_and_single_direction_spectra():
     assert effective_rank(np.ones(8)) == pytest.approx(8.0)
     assert effective_rank([5.0, 0.0, 0.0]) == pytest.approx(1.0)

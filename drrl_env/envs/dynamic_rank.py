@@ -101,9 +101,9 @@ class DynamicRankEnv(gym.Env):
 
     ## Starting State
 
-    ``reset`` samples a window of the split with ``self.np_random``;
-    ``options={"window": i}`` pins window ``i`` (any other option key is refused). Every
-    layer starts from full rank.
+    ``reset`` samples one of the ``env.unwrapped.n_windows`` windows of the split with
+    ``self.np_random``; ``options={"window": i}`` pins window ``i`` (any other option key is
+    refused). Every layer starts from full rank.
 
     ## Episode End
 
@@ -135,6 +135,11 @@ class DynamicRankEnv(gym.Env):
     | max_perturbation | 0.5 | guardrail threshold of ``action_masks`` (unbudgeted) |
     | backend | ``cached`` | ``cached`` or ``live`` |
     | max_windows, device, cache_dir | 32, cpu, None | data size, torch device, cache root |
+
+    What the backend can do is declared, not inferred from its name:
+    ``env.unwrapped.teacher_forced`` (stored lookups of every action: ``candidate_values``,
+    ``rollout``; cached) and ``env.unwrapped.bitwise_replay`` (episodes replay bit for bit;
+    cached).
 
     ```python
     import gymnasium as gym
@@ -200,6 +205,49 @@ class DynamicRankEnv(gym.Env):
         """Rank of each action (repeated across keep fractions for a pair grid)."""
         return tuple(int(r) for r in self.actions.ranks)
 
+    # -- what the backend offers -----------------------------------------------------------
+
+    @property
+    def n_windows(self) -> int:
+        """Windows of the split an episode can read (``reset(options={"window": i})``)."""
+        return self.backend.n_windows
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(n_windows, seq_len) token ids of the windows."""
+        return self.backend.tokens
+
+    @property
+    def teacher_forced(self) -> bool:
+        """Whether every action's measurements are stored lookups (the cached backend).
+
+        Then :meth:`candidate_values`, :meth:`candidate_rewards` and :meth:`rollout` work
+        and the observations do not depend on the actions; False on the live backend
+        (closed loop). See :class:`~drrl_env.envs.backends.base.Backend`.
+        """
+        return self.backend.teacher_forced
+
+    @property
+    def bitwise_replay(self) -> bool:
+        """Whether an episode replays bit for bit (the cached backend's lookups).
+
+        False on the live backend, whose float32 kernels replay within
+        :func:`drrl_env.replay.reward_tolerance`.
+        """
+        return self.backend.bitwise_replay
+
+    def rollout(self, name: str, window: int | None = None) -> np.ndarray:
+        """The stored teacher-forced array ``name`` of ``window``, or of every window (W, ...).
+
+        E.g. ``rollout("cosine")`` is (W, S, L, A): the cosine of every action at every cell
+        of every window. Teacher-forced backends only (``teacher_forced``); see
+        :meth:`~drrl_env.envs.backends.cached.CachedBackend.rollout`.
+
+        Raises:
+            RuntimeError: The backend stores no rollouts (live).
+        """
+        return self.backend.rollout(name, window)
+
     # -- gymnasium API ---------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -214,7 +262,7 @@ class DynamicRankEnv(gym.Env):
         if unknown:
             raise ValueError(f"unknown reset option(s) {unknown}; options: {RESET_OPTIONS}")
         window = options.get("window")
-        n_windows = self.backend.n_windows
+        n_windows = self.n_windows
         if window is None:
             window = int(self.np_random.integers(n_windows))
         elif isinstance(window, bool) or not isinstance(window, int | np.integer):
@@ -314,8 +362,8 @@ class DynamicRankEnv(gym.Env):
     def candidate_rewards(self) -> np.ndarray:
         """Immediate reward of every action at the current step, without stepping.
 
-        Teacher-forced lookups (``backend='cached'``); a masked action gets the reward of
-        the action it would be replaced by.
+        Teacher-forced lookups (``teacher_forced``: ``backend='cached'``); a masked action
+        gets the reward of the action it would be replaced by.
         """
         values = self.candidate_values()
         return values["reward"][[self._apply_mask(a)[0] for a in range(len(self.actions))]]
@@ -323,7 +371,8 @@ class DynamicRankEnv(gym.Env):
     def candidate_values(self) -> dict[str, np.ndarray]:
         """Per action (A,): the fidelity term, FLOPs ratio, perturbation and reward.
 
-        Teacher-forced lookups at the current step (``backend='cached'``), ignoring masks.
+        Teacher-forced lookups at the current step (``teacher_forced``:
+        ``backend='cached'``), ignoring masks.
         """
         if self._t is None or self._t >= self.steps:
             raise RuntimeError("candidate_values() needs a running episode: call reset()")

@@ -5,6 +5,10 @@ backend: it reads the attributes and calls the methods of :class:`Backend`. Two 
 implement it: :class:`~drrl_env.envs.backends.cached.CachedBackend` (teacher-forced
 lookups, for training) and :class:`~drrl_env.envs.backends.live.LiveBackend` (the model
 closed loop, for evaluation).
+
+A backend declares what it can do (``teacher_forced``, ``bitwise_replay``); code outside
+:mod:`drrl_env.envs` asks the environment for those capabilities (``env.unwrapped``
+forwards them) instead of testing the backend's name.
 """
 
 from __future__ import annotations
@@ -76,6 +80,15 @@ class Backend(Protocol):
         weight_stats: (L, 3) projection-weight statistics of each layer.
         costs: FLOPs of every action at every segment (the same for every window).
         tokens: (n_windows, seq_len) token ids of the windows (replay, evaluation).
+        teacher_forced: Whether the layer inputs are exact attention's whatever the actions:
+            every action's measurements are stored lookups (:meth:`candidates`,
+            :meth:`rollout`) and the views do not depend on the actions
+            (:meth:`episode_views`). True for the cached backend, False for the live one.
+        bitwise_replay: Whether an episode replays bit for bit (every number a lookup of
+            stored values), so replayed rewards must equal the recorded ones (within
+            :data:`~drrl_env.replay.EXACT`); False
+            when numbers come from float32 kernels whose summation order varies with the
+            thread count and CPU (then :func:`drrl_env.replay.reward_tolerance` applies).
     """
 
     shape: ModelShape
@@ -84,6 +97,8 @@ class Backend(Protocol):
     weight_stats: np.ndarray
     costs: CostTable
     tokens: np.ndarray
+    teacher_forced: bool
+    bitwise_replay: bool
 
     def begin(self, window: int) -> LayerView:
         """Start ``window``; return the view of its first layer call."""
@@ -109,6 +124,15 @@ class Backend(Protocol):
         """Raw measurements of every action at (segment, layer), without executing.
 
         Only a teacher-forced backend knows them (lookups); others raise RuntimeError.
+        """
+
+    def rollout(self, name: str, window: int | None = None) -> np.ndarray:
+        """The stored teacher-forced array ``name`` (e.g. ``cosine``, ``spectra``).
+
+        Of one ``window`` (its shape in the store, e.g. (S, L, A)), or of every window
+        stacked, (n_windows, ...), when ``window`` is None. Reads are verified (a corrupt
+        window is rebuilt). Only a teacher-forced backend stores them; others raise
+        RuntimeError.
         """
 
     def finish(self) -> dict:

@@ -468,7 +468,14 @@ class WindowTable:
 
 
 class CachedBackend:
-    """Steps are lookups in the :class:`RolloutCache` of the configuration."""
+    """Steps are lookups in the :class:`RolloutCache` of the configuration.
+
+    Teacher forced (every action's measurements are stored, the views do not depend on the
+    actions) and replayed bit for bit (every number is a lookup of stored float64 values).
+    """
+
+    teacher_forced = True
+    bitwise_replay = True
 
     def __init__(self, config: EnvConfig) -> None:
         cache = RolloutCache(config)
@@ -558,6 +565,32 @@ class CachedBackend:
     def candidates(self, segment: int, layer: int) -> dict[str, np.ndarray]:
         row = self._table.raw[segment * self.shape.n_layers + layer]  # (A, K)
         return {name: row[:, k].copy() for k, name in enumerate(self.terms)}
+
+    def rollout(self, name: str, window: int | None = None) -> np.ndarray:
+        """The cached array ``name`` of ``window``, or of every window stacked (W, ...).
+
+        ``name`` is a per-window array of the store (:data:`SHARD_ARRAYS`, and
+        :data:`OPTIONAL_SHARD_ARRAYS` for input-dependent costs), e.g. ``cosine`` (S, L, A)
+        or ``spectra`` (S, L, d). Reads are verified (:meth:`RolloutCache.shard`: a corrupt
+        window is rebuilt).
+
+        Raises:
+            ValueError: ``window`` is not a window of the environment (0..n_windows - 1).
+            KeyError: The store holds no array ``name``.
+        """
+        if window is None:
+            return np.stack([self._rollout_window(name, w) for w in range(self.n_windows)])
+        if isinstance(window, bool) or not isinstance(window, int | np.integer):
+            raise ValueError(f"window={window!r} must be an int in 0..{self.n_windows - 1}")
+        if not 0 <= window < self.n_windows:
+            raise ValueError(f"window={window!r} must be an int in 0..{self.n_windows - 1}")
+        return self._rollout_window(name, int(window))
+
+    def _rollout_window(self, name: str, window: int) -> np.ndarray:
+        shard = self.cache.shard(window)
+        if name not in shard:
+            raise KeyError(f"no cached array {name!r}; the store holds {sorted(shard)}")
+        return np.asarray(shard[name])
 
     def finish(self) -> dict:
         return {"mean_nll_full": self._table.mean_nll}

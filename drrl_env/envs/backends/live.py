@@ -39,7 +39,15 @@ REFERENCE_BYTES = 1 << 30
 
 
 class LiveBackend:
-    """Runs the model closed loop (see the module docstring)."""
+    """Runs the model closed loop (see the module docstring).
+
+    Not teacher forced (each view follows the settings chosen before it; nothing is stored)
+    and not replayed bit for bit (float32 kernels: replayed rewards agree within
+    :func:`drrl_env.replay.reward_tolerance`).
+    """
+
+    teacher_forced = False
+    bitwise_replay = False
 
     def __init__(self, config: EnvConfig) -> None:
         self.config = config
@@ -121,6 +129,12 @@ class LiveBackend:
         raise RuntimeError(
             "the live backend runs one setting per layer call: candidate measurements need "
             "backend='cached'"
+        )
+
+    def rollout(self, name: str, window: int | None = None) -> np.ndarray:
+        raise RuntimeError(
+            f"the live backend runs the model closed loop and stores no rollouts: the cached "
+            f"array {name!r} needs backend='cached'"
         )
 
     def reference(self, window: int) -> torch.Tensor:
