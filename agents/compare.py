@@ -42,9 +42,9 @@ from agents.budget_baselines import LagrangianGreedyPolicy, dp_schedule
 from agents.callbacks import RankMetricsCallback
 from agents.evaluation import (
     COLUMNS,
+    actor,
     evaluate_policy_on_windows,
     full_attention_flops,
-    predict_action,
     write_csv,
 )
 from agents.factory import ALGOS, POLICIES, make_agent, save_agent
@@ -61,6 +61,7 @@ from agents.runs import (
     execute,
     write_atomic,
 )
+from drrl_env.episodes import play_episode
 from drrl_env.inspect import env_config
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
@@ -466,14 +467,7 @@ def lookup_schedules(build, args: Args, method: str, windows: list[int]) -> dict
     """The actions a lookup policy (``build(env)``) takes on the cached eval windows."""
     env = cached_env(args, method, "eval")
     policy = build(env)
-    schedules = {}
-    for window in windows:
-        observation, _ = env.reset(options={"window": window})
-        done, info = False, {}
-        while not done:
-            observation, _, done, _, info = env.step(predict_action(policy, observation, env))
-        schedules[window] = np.array(info["episode_summary"]["actions"])
-    return schedules
+    return {window: play_episode(env, actor(policy), window).actions for window in windows}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from agents.baselines import BaselinePolicy, GreedyOraclePolicy
 from agents.factory import ALGO_ATTRIBUTE, POLICY_ATTRIBUTE, check_spaces_match
 from agents.runs import CONFIG_FILE
+from drrl_env.episodes import Chooser, play_episode
 from drrl_env.replay import (
     EXACT,
     PERPLEXITY_RTOL,
@@ -157,23 +158,16 @@ def policy_name(policy: Policy) -> str:
     return type(policy).__name__
 
 
+def actor(policy: Policy) -> Chooser:
+    """``policy`` as the chooser of :func:`drrl_env.episodes.play_episode`
+    (:func:`predict_action`: deterministic; a MaskablePPO also gets the env's masks)."""
+    return lambda observation, env: predict_action(policy, observation, env)
+
+
 def run_episode(policy: Policy, env: gym.Env, window: int, name: str) -> dict[str, Any]:
     """Play one episode of ``window`` with ``policy`` and return its leaderboard row."""
-    observation, _ = env.reset(options={"window": int(window)})
-    rewards: list[float] = []
-    requested: list[int] = []
-    info: dict[str, Any] = {}
-    done = False
-    while not done:
-        observation, reward, terminated, truncated, info = env.step(
-            predict_action(policy, observation, env)
-        )
-        rewards.append(float(reward))
-        requested.append(int(info["requested_action"]))
-        done = terminated or truncated
-    if "episode_summary" not in info:
-        raise RuntimeError(f"window {window}: the episode was cut before its last step")
-    return _row(name, env, info["episode_summary"], rewards, requested)
+    trace = play_episode(env, actor(policy), window)
+    return _row(name, env, trace.summary, trace.rewards.tolist(), trace.requested.tolist())
 
 
 def evaluate_policy_on_windows(

@@ -13,14 +13,14 @@ import json
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from agents.evaluation import Policy, leaderboard, predict_action
+from agents.evaluation import Policy, actor, leaderboard
 from agents.reporting import pareto_plot
+from drrl_env.episodes import play_episode
 
 
 def comparison_frame(
@@ -78,24 +78,18 @@ def episode_trace(policy: Policy, env: gym.Env, window: int) -> pd.DataFrame:
     ``action_masked``, ``fidelity``, ``flops_ratio``, ``perturbation``, ``reward`` and
     ``mask`` (the guardrail's allowed actions before the step, a bool array).
     """
-    observation, _ = env.reset(options={"window": int(window)})
-    rows: list[dict[str, Any]] = []
-    done = False
-    while not done:
-        mask = env.unwrapped.action_masks()
-        action = predict_action(policy, observation, env)
-        observation, reward, terminated, truncated, info = env.step(action)
-        rows.append(
-            {
-                "step": len(rows),
-                **{key: info[key] for key in ("segment", "layer", "requested_rank", "rank")},
-                "action_masked": bool(info["action_masked"]),
-                **{key: info[key] for key in ("fidelity", "flops_ratio", "perturbation")},
-                "reward": float(reward),
-                "mask": mask,
-            }
-        )
-        done = terminated or truncated
+    trace = play_episode(env, actor(policy), window, record_steps=True)
+    rows = [
+        {
+            "step": step,
+            **{key: info[key] for key in ("segment", "layer", "requested_rank", "rank")},
+            "action_masked": bool(info["action_masked"]),
+            **{key: info[key] for key in ("fidelity", "flops_ratio", "perturbation")},
+            "reward": float(reward),
+            "mask": info["mask"],
+        }
+        for step, (info, reward) in enumerate(zip(trace.steps, trace.rewards, strict=True))
+    ]
     return pd.DataFrame(rows)
 
 

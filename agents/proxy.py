@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from agents.baselines import EnergyThresholdPolicy, GreedyOraclePolicy
-from agents.evaluation import predict_action
+from agents.evaluation import actor
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
+from drrl_env.episodes import play_episode
 from drrl_env.replay import replay
 
 PROXIES = {
@@ -31,11 +32,7 @@ PROXIES = {
 
 def play(env: gym.Env, policy, window: int) -> np.ndarray:
     """The executed actions (S, L) of ``policy`` on ``window`` of ``env``."""
-    observation, _ = env.reset(options={"window": window})
-    done, info = False, {}
-    while not done:
-        observation, _, done, _, info = env.step(predict_action(policy, observation, env))
-    return np.asarray(info["episode_summary"]["actions"])
+    return play_episode(env, actor(policy), window).actions
 
 
 def schedules(

@@ -14,6 +14,7 @@ import numpy as np
 
 from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
+from drrl_env.episodes import play_episode
 
 REWARD_ATOL = 1e-6
 """Absolute tolerance of a replayed per-step reward.
@@ -98,24 +99,8 @@ def replay(env: DynamicRankEnv, window: int, actions) -> ReplayResult:
     Raises:
         ValueError: ``actions`` has the wrong shape or holds an index outside the grid.
     """
-    schedule = np.asarray(actions)
-    expected = (env.n_segments, env.n_layers)
-    if schedule.shape != expected:
-        raise ValueError(
-            f"actions has shape {schedule.shape}, expected (segments, layers) = {expected}"
-        )
-    if (
-        not np.issubdtype(schedule.dtype, np.integer)
-        or not ((schedule >= 0) & (schedule < len(env.actions))).all()
-    ):
-        raise ValueError(f"actions must be integers in 0..{len(env.actions) - 1}")
-    env.reset(options={"window": int(window)})
-    rewards, info = [], {}
-    for action in schedule.flatten():
-        _, reward, _, _, info = env.step(int(action))
-        rewards.append(reward)
-    summary = info["episode_summary"]
-    return ReplayResult(int(window), np.asarray(summary["actions"]), np.asarray(rewards), summary)
+    trace = play_episode(env, np.asarray(actions), window)
+    return ReplayResult(trace.window, trace.actions, trace.rewards, trace.summary)
 
 
 def validate(

@@ -1,11 +1,11 @@
 """The headroom table: does choosing per window beat the best static allocation, and where?
 
 For each budget (a cap on an episode's executed attention FLOPs, as a fraction of exact
-attention's) and each kind of text (``prose``, ``code``, ``passkey`` and their ``mix``), the
-schedules of :mod:`agents.allocations` are fitted on the cached train windows of that kind
-(teacher forced: every action's fidelity and realised FLOPs at every cell) and played closed
-loop on the held-out windows of that kind, on the live backend, against the exact model on
-the same window:
+attention's), the schedules of :mod:`agents.allocations` are fitted on the cached train
+windows (teacher forced: every action's fidelity and realised FLOPs at every cell; all
+kinds together by default, each kind apart with ``--fit-per-kind``) and played closed loop
+on the held-out windows of each kind of text (``prose``, ``code``, ``passkey``, and all of
+them: ``mix``), on the live backend, against the exact model on the same window:
 
 - ``uniform``: the best single action; ``global_p``: the training-free top-p rule (one
   rank, the largest mass target that meets the budget); ``static_layer``: the best
@@ -108,6 +108,10 @@ class Args:
     scored on every train window, from the cached lookups)."""
     rule_rank: int = 16
     """Rank of the selection estimate the global top-p rule uses."""
+    fit_per_kind: bool = False
+    """Fit the deployable schedules on the train windows of each kind apart (they then
+    know the kind of text they will read); by default they are fitted once on every train
+    window, as a deployed allocation that does not know the input would be."""
     seed: int = 0
     """Seed of the random search."""
     out_dir: str = "results"
@@ -300,16 +304,24 @@ def main(args: Args) -> Path:
     candidates = rule_candidates(train, args.rule_rank)
     plans, notes = [], {}
     for budget in args.budgets:
+        shared = None  # schedules fitted once on every train window (fit_per_kind False)
         for kind in args.kinds:
-            fit = np.ones(len(train_kinds), bool) if kind == "mix" else train_kinds == kind
+            per_kind = args.fit_per_kind and kind != "mix"
+            fit = train_kinds == kind if per_kind else np.ones(len(train_kinds), bool)
             scored = np.flatnonzero(
                 np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
             )
             if not fit.any() or not scored.size:
                 raise ArgumentError(f"no {kind} windows among the first train/eval windows")
-            problem = Problem(train_values[fit], train_costs[fit], budget)
-            schedules, skipped = fitted_schedules(problem, candidates, args)
-            notes.update({f"{kind} {budget:g} {k}": v for k, v in skipped.items()})
+            if per_kind or shared is None:
+                problem = Problem(train_values[fit], train_costs[fit], budget)
+                schedules, skipped = fitted_schedules(problem, candidates, args)
+                where = kind if per_kind else "all kinds"
+                notes.update({f"{where} {budget:g} {k}": v for k, v in skipped.items()})
+                if not per_kind:
+                    shared = schedules
+            else:
+                schedules = shared
             for window in scored:
                 for policy, schedule in schedules.items():
                     plans.append((budget, kind, policy, int(window), schedule))

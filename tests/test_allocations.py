@@ -180,6 +180,12 @@ def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
     passkey = rows[rows["window_kind"] == "passkey"]
     assert passkey["retrieval_correct"].isin([0.0, 1.0]).all()
     assert rows.loc[rows["window_kind"] != "passkey", "retrieval_correct"].isna().all()
+    # fitted once on every train window: a kind's rows are the mix rows of its windows
+    deployable = rows[rows["policy"] != "per_window_optimum"]
+    mix = deployable[deployable["kind"] == "mix"].set_index(["policy", "window"])
+    for row in deployable[deployable["kind"] != "mix"].itertuples():
+        assert row.actions == mix.loc[(row.policy, row.window), "actions"]
+        assert row.mean_kl == mix.loc[(row.policy, row.window), "mean_kl"]
     optimum = rows[rows["policy"] == "per_window_optimum"]
     assert (optimum["planned_flops_ratio"] <= 0.6 + 1e-9).all()
     assert (rows["mean_kl"] >= 0).all() and rows["top1_agreement"].between(0, 1).all()
