@@ -42,9 +42,17 @@ from drrl_env.lm.kernel_timing import (
     full_flops,
     time_call,
 )
+from drrl_env.methods import method_class, method_names
 
-LOWRANK_METHODS = ("gram", "svd", "calibrated")
-"""The dense low-rank methods: only their scores shrink with the rank (see the ceiling)."""
+DEFAULT_METHODS = ("gram", "svd", "calibrated")
+"""The methods measured by default (``--methods`` takes any method whose ``low_rank_scores``
+is True: dense attention with rank-r scores, whose ceiling this script draws)."""
+
+
+def low_rank_methods() -> tuple[str, ...]:
+    """The registered methods whose scores alone shrink with the rank (``low_rank_scores``)."""
+    return tuple(name for name in method_names() if method_class(name).low_rank_scores)
+
 
 COLUMNS = (
     "device",
@@ -84,7 +92,7 @@ class Args:
     """Sequence lengths L (queries = keys = L)."""
     ranks: tuple[int, ...] = (16, 32, 48)
     """The policy's mean rank(s), rounded to integers: every method in --methods runs at each."""
-    methods: tuple[str, ...] = LOWRANK_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     """Low-rank kernels run at --ranks (``gram``, ``svd``, ``calibrated``)."""
     from_summary: Path | None = None
     """compare_agents ``summary.csv``: the rounded ``mean_rank`` of each RL row, with that row's
@@ -116,14 +124,14 @@ def lowrank_kernels(args: Args) -> list[tuple[str, int, str]]:
         ValueError: ``--from-summary`` has no RL row, or a method is unknown.
     """
     if args.from_summary is None:
-        unknown = set(args.methods) - set(LOWRANK_METHODS)
+        unknown = set(args.methods) - set(low_rank_methods())
         if unknown:
-            raise ValueError(f"methods must be among {LOWRANK_METHODS}; got {sorted(unknown)}")
+            raise ValueError(f"methods must be among {low_rank_methods()}; got {sorted(unknown)}")
         return [(method, rank, "--ranks") for method in args.methods for rank in args.ranks]
     summary = pd.read_csv(args.from_summary)
-    rl = summary[(summary["kind"] == "rl") & summary["method"].isin(LOWRANK_METHODS)]
+    rl = summary[(summary["kind"] == "rl") & summary["method"].isin(low_rank_methods())]
     if rl.empty:
-        raise ValueError(f"{args.from_summary} holds no RL row of a method in {LOWRANK_METHODS}")
+        raise ValueError(f"{args.from_summary} holds no RL row of a method in {low_rank_methods()}")
     sources: dict[tuple[str, int], list[str]] = {}
     for method in dict.fromkeys(rl["method"]):
         for rank in args.ranks:
@@ -153,7 +161,7 @@ def measure(args: Args, kernels: list[tuple[str, int, str]]) -> list[dict]:
                 progress.update()
             sdpa, eager = timed[0][1], timed[1][1]
             for kernel, seconds in timed:
-                lowrank = kernel.name in LOWRANK_METHODS
+                lowrank = kernel.name in low_rank_methods()
                 rows.append(
                     {
                         "device": device.type,

@@ -118,3 +118,28 @@ def test_no_backend_name_tests_or_reach_ins_outside_envs():
         "(env.unwrapped.teacher_forced, .bitwise_replay, .n_windows, .rollout(name)) instead of:\n"
         + "\n".join(found)
     )
+
+
+def test_measurements_do_not_import_the_controller() -> None:
+    """lm.measure and lm.controller form no import circle: both read lm.dispatch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, drrl_env.lm.measure as m; "
+        "assert 'drrl_env.lm.controller' not in sys.modules, 'measure imports the controller'; "
+        "import drrl_env.lm.controller as c, drrl_env.lm.dispatch as d; "
+        "assert c.ACTIVE is d.ACTIVE is m.ACTIVE and c.LayerRecord is d.LayerRecord"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_methods_declare_their_families() -> None:
+    """Scripts select methods by declared attributes, not by lists of names."""
+    from drrl_env.methods import method_class, method_names
+
+    low_rank = {name for name in method_names() if method_class(name).low_rank_scores}
+    assert low_rank == {"gram", "svd", "calibrated", "calibrated-kv"}
+    selecting = {name for name in method_names() if not method_class(name).dense_fast_path}
+    assert selecting == {"topk", "topk-block", "topp"}

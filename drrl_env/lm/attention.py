@@ -2,7 +2,7 @@
 
 The kernel is a free function with the registry's signature; projections, RoPE, the KV
 cache and the output projection stay in the model. It hands each layer call to the
-controller active in the current context (:data:`drrl_env.lm.controller.ACTIVE`) and
+controller active in the current context (:data:`drrl_env.lm.dispatch.ACTIVE`) and
 computes plain eager attention, exactly as transformers' eager path, when none is active.
 The attention methods themselves live in :mod:`drrl_env.methods`.
 """
@@ -14,7 +14,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from drrl_env.lm import INPUT_STAT_NAMES
-from drrl_env.lm.controller import ACTIVE, grab_layer_input, input_statistics
+from drrl_env.lm.controller import grab_layer_input, input_statistics
+from drrl_env.lm.dispatch import ACTIVE
 from drrl_env.methods.base import full_attention, repeat_kv
 
 ATTENTION_NAME = "drrl"

@@ -1,9 +1,8 @@
 """Kernel dispatch: which controller runs a layer call, and what a controller does with it.
 
-The ``drrl`` attention kernel (:mod:`drrl_env.lm.attention`) asks :data:`ACTIVE` for the
-controller of the running sequence. ``ACTIVE`` is a context variable, and every greenlet
-runs in a context of its own, so two closed-loop windows suspended mid-forward on the same
-model (two live environments in one process) never see each other's controller.
+The ``drrl`` attention kernel (:mod:`drrl_env.lm.attention`) asks
+:data:`~drrl_env.lm.dispatch.ACTIVE` for the handler of the running sequence (defined, with
+the request and record types, in :mod:`drrl_env.lm.dispatch` and re-exported here).
 
 An :class:`AttentionController` runs one sequence through an
 :class:`~drrl_env.methods.base.AttentionMethod`: per layer call it lets the method observe
@@ -14,7 +13,6 @@ what happened through probes (:mod:`drrl_env.lm.measure`).
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,15 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from drrl_env.flops import FlopsBreakdown
 from drrl_env.lm import INPUT_STAT_NAMES  # noqa: F401 (re-exported)
+from drrl_env.lm.dispatch import ACTIVE, LayerRecord, LayerRequest
 from drrl_env.lm.measure import Probe, StepContext
 from drrl_env.methods.base import AttentionMethod, CallShape, Setting, exact_flops
-
-ACTIVE: contextvars.ContextVar[AttentionController | None] = contextvars.ContextVar(
-    "drrl_active_controller", default=None
-)
-"""The controller of the sequence running in the current context (greenlet), if any."""
 
 
 def input_statistics(hidden: torch.Tensor) -> np.ndarray:
@@ -50,43 +43,6 @@ def input_statistics(hidden: torch.Tensor) -> np.ndarray:
     )
     spread = float(norms.std(unbiased=False) / norms.mean().clamp_min(1e-12))
     return np.array([rms / (1 + rms), consecutive, spread / (1 + spread)], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class LayerRequest:
-    """What a decision may look at, for one layer on one segment, before it runs."""
-
-    layer: int
-    queries: int
-    keys: int
-    spectrum: np.ndarray  # (d,) energies in truncation order, summing to 1
-    input_stats: np.ndarray | None  # (3,), see INPUT_STAT_NAMES
-
-
-@dataclass
-class LayerRecord:
-    """What one layer call did."""
-
-    layer: int
-    setting: Setting
-    queries: int
-    keys: int
-    flops: FlopsBreakdown
-    flops_full: FlopsBreakdown
-    spectrum: np.ndarray
-    input_stats: np.ndarray | None
-    kept: float = 1.0  # keys attended exactly / causal keys (realised; 1 for dense methods)
-    terms: dict[str, float] = field(default_factory=dict)
-    sweep: dict[str, np.ndarray] | None = None  # term -> (len(sweep settings),)
-
-    @property
-    def rank(self) -> int:
-        return self.setting.rank
-
-    @property
-    def fidelity(self) -> float:
-        """Cosine of the executed vs exact attention output (1 when exact)."""
-        return self.terms.get("cosine", 1.0)
 
 
 def to_setting(method: AttentionMethod, value: int | Setting, keep: float = 1.0) -> Setting:

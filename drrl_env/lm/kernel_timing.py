@@ -175,9 +175,7 @@ def attention_kernels(
         method = make_method(spec.method, d, 1, **kwargs)
         setting = method.check_setting(Setting(spec.rank, spec.keep))
         call = method_call(method, query, key, value, mask, scaling, setting, spec.path)
-        uses_dense = spec.path == "reference" or (
-            spec.path == "fast" and getattr(method, "dense_fast_path", True)
-        )
+        uses_dense = spec.path == "reference" or (spec.path == "fast" and method.dense_fast_path)
         kernels.append(
             Kernel(
                 spec.name,

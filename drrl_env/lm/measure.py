@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drrl_env.lm.dispatch import ACTIVE, LayerRecord
 from drrl_env.methods.base import (
     AttentionMethod,
     CallShape,
@@ -34,9 +35,6 @@ from drrl_env.methods.base import (
     exact_attention,
     full_attention,
 )
-
-if TYPE_CHECKING:
-    from drrl_env.lm.controller import LayerRecord
 
 TERMS = ("cosine", "dnll_taylor", "dnll_fisher")
 """Raw measurements a probe can take; the loss-aware ones need a :class:`LossGradient`."""
@@ -196,7 +194,8 @@ class SweepProbe:
 
 
 class GradientCapture:
-    """A controller stand-in that runs exact eager attention and keeps each layer's output."""
+    """A :class:`~drrl_env.lm.dispatch.CallHandler` that runs exact eager attention and
+    keeps each layer's output (for :func:`loss_gradient`)."""
 
     input_stats = False
 
@@ -222,8 +221,6 @@ def loss_gradient(lm, tokens) -> LossGradient:
         lm: A :class:`~drrl_env.lm.models.LoadedModel`.
         tokens: 1-D token ids of the window.
     """
-    from drrl_env.lm.controller import ACTIVE
-
     ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=lm.device).flatten()
     capture = GradientCapture(lm.n_layers)
     token = ACTIVE.set(capture)

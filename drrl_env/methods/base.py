@@ -255,6 +255,13 @@ class AttentionMethod:
     default_keeps: ClassVar[tuple[float, ...] | None] = None
     """The keep values of an environment's grid when the config names none (sparse
     methods; None: ``drrl_env.envs.config.DEFAULT_KEEP``)."""
+    dense_fast_path: ClassVar[bool] = True
+    """Whether the fast path materialises dense (H, T, N) score tensors (the kernel
+    benchmarks skip such paths beyond a memory limit); False for the selecting methods."""
+    low_rank_scores: ClassVar[bool] = False
+    """Whether the method is dense attention with rank-``r`` scores, so that only the scores
+    shrink with the rank (``gram``, ``svd``, ``calibrated``: the ceiling of
+    ``experiments/flops_scaling.py``)."""
 
     def __init__(self, head_dim: int, n_layers: int) -> None:
         self.head_dim = int(head_dim)

@@ -42,6 +42,7 @@ class CalibratedMethod(AttentionMethod):
     """
 
     name = "calibrated"
+    low_rank_scores = True
     description = "fixed basis per (layer, query head) from calibration; keys rotated once"
     needs_basis = True
     scope = "query_head"

@@ -43,6 +43,7 @@ class GramMethod(AttentionMethod):
     """Online eigenbasis of ``Q^T Q + K^T K`` per query head."""
 
     name = "gram"
+    low_rank_scores = True
     description = "top-r eigenvectors of Q^T Q + K^T K per query head, found at every call"
 
     def observe(self, state, query, key) -> np.ndarray:

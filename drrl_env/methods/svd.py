@@ -30,6 +30,7 @@ class SVDMethod(AttentionMethod):
     """Separate truncated SVDs of queries and keys."""
 
     name = "svd"
+    low_rank_scores = True
     description = "the paper's separate truncated SVDs of Q and K (Eq. 13)"
 
     def observe(self, state, query, key) -> np.ndarray:

@@ -59,6 +59,7 @@ class TopKMethod(KVHeadCalibratedMethod):
     """
 
     name = "topk"
+    low_rank_scores = False
     description = "rank-r scores pick keep x the segment's keys per query; exact attention on them"
     uses_keep = True
     version = 2  # keep is a fraction of the segment's keys by default

@@ -54,6 +54,7 @@ class TopKBlockMethod(KVHeadCalibratedMethod):
     """
 
     name = "topk-block"
+    low_rank_scores = False
     description = "rank-r scores select key blocks per query block; fused block-sparse attention"
     uses_keep = True
     has_fused = True

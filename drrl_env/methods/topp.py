@@ -78,6 +78,7 @@ class TopPMethod(KVHeadCalibratedMethod):
     """
 
     name = "topp"
+    low_rank_scores = False
     description = "rank-r estimated attention keeps the fewest keys of mass p; exact on them"
     uses_keep = True
     keep_allows_zero = True
