@@ -31,7 +31,26 @@ SUMMARY_COLUMNS = (
     "return",
     "seeds",
     "windows",
+    *(
+        f"{q}{suffix}"
+        for q in ("mean_kl", "top1_agreement", "retrieval_accuracy")
+        for suffix in ("", "_low", "_high")
+    ),
+    "retrieval_windows",
+    "reference",
+    "kl_vs_reference",
+    "kl_vs_reference_low",
+    "kl_vs_reference_high",
+    "verdict",
 )
+QUALITY = {
+    "mean_kl": "mean_kl",
+    "top1_agreement": "top1_agreement",
+    "retrieval_accuracy": "retrieval_correct",
+}
+"""Summary column -> per-window column of the live quality measurements."""
+REFERENCE_POLICIES = ("static_allocation",)
+"""The policy each row's KL is paired against, the first present in a method's rows."""
 
 
 def _per_seed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -51,8 +70,59 @@ def _per_seed(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+    """Per (method, policy, kind): live quality with 95 % bootstrap intervals over windows.
+
+    Each window's value is its mean over seeds. Columns: ``mean_kl``, ``top1_agreement``
+    and ``retrieval_accuracy`` (windows that expect an answer; ``retrieval_windows`` counts
+    them), each with ``_low``/``_high``; and, when ``reference`` (default: the first of
+    :data:`REFERENCE_POLICIES` among the method's policies) is present, the mean paired
+    difference of KL against it on the same windows (``kl_vs_reference`` with its interval)
+    and its ``verdict`` ("lower KL", "higher KL" or "no difference"). NaN where the rows hold
+    no live measurement (cached evaluation, or runs from before it existed).
+    """
+    from harness.statistics import mean_interval, paired_difference
+
+    keys = ["method", "policy", "kind"]
+    present = [column for column in QUALITY.values() if column in frame]
+    windows = frame.groupby([*keys, "window"], sort=False)[present].mean().reset_index()
+    rows = []
+    for method, part in windows.groupby("method", sort=False):
+        chosen = reference
+        if chosen is None:
+            chosen = next((p for p in REFERENCE_POLICIES if p in set(part["policy"])), None)
+        base = part[part["policy"] == chosen].set_index("window")
+        for (policy, kind), group in part.groupby(["policy", "kind"], sort=False):
+            row: dict = {"method": method, "policy": policy, "kind": kind}
+            for name, column in QUALITY.items():
+                values = group[column].dropna() if column in group else pd.Series(dtype=float)
+                interval = mean_interval(values) if len(values) else None
+                row[name] = interval.estimate if interval else np.nan
+                row[f"{name}_low"] = interval.low if interval else np.nan
+                row[f"{name}_high"] = interval.high if interval else np.nan
+                if name == "retrieval_accuracy":
+                    row["retrieval_windows"] = len(values)
+            row["reference"] = chosen
+            row.update(kl_vs_reference=np.nan, kl_vs_reference_low=np.nan)
+            row.update(kl_vs_reference_high=np.nan, verdict=None)
+            if chosen is not None and policy != chosen and "mean_kl" in group:
+                own = group.set_index("window")["mean_kl"].dropna()
+                shared = own.index.intersection(base["mean_kl"].dropna().index)
+                if len(shared):
+                    diff = paired_difference(own[shared], base.loc[shared, "mean_kl"])
+                    row.update(
+                        kl_vs_reference=diff.estimate,
+                        kl_vs_reference_low=diff.low,
+                        kl_vs_reference_high=diff.high,
+                        verdict=diff.verdict("lower KL", "higher KL"),
+                    )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, policy): means and standard deviations over seeds."""
+    """Per (method, policy): means and standard deviations over seeds, and the live quality
+    with intervals over windows (:func:`quality_table`)."""
     seeds = _per_seed(frame)
     seeds["delta_ppl_pct"] = 100 * (seeds["perplexity"] / seeds["perplexity_full"] - 1)
     seeds["flops_reduction_pct"] = 100 * seeds["flops_reduction"]
@@ -73,6 +143,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = mean.join(std.add_suffix("_std")).reset_index()
     table["seeds"] = grouped.size().to_numpy()
     table["windows"] = table["windows"].astype(int)
+    table = table.merge(quality_table(frame), on=["method", "policy", "kind"], how="left")
     return table[list(SUMMARY_COLUMNS)]
 
 
@@ -82,16 +153,35 @@ def _cell(value: float, std: float | None, digits: int) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}"
 
 
+def _interval_cell(row: pd.Series, name: str, scientific: bool = False) -> str:
+    from harness.statistics import Interval
+
+    value = row.get(name)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    low, high = row.get(f"{name}_low", np.nan), row.get(f"{name}_high", np.nan)
+    return Interval(float(value), float(low), float(high), 2).format(scientific=scientific)
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table (one per method, stacked)."""
+    """The summary as a Markdown table (one per method, stacked).
+
+    When the rows hold live quality (token KL), the table adds token KL, top-1 agreement
+    and retrieval accuracy with their 95 % intervals over windows, and the paired KL
+    difference against the reference policy with its verdict.
+    """
+    quality = "mean_kl" in summary and summary["mean_kl"].notna().any()
     header = (
         "| method | policy | perplexity | Δ ppl vs full | attention GFLOPs executed "
-        "| FLOPs reduction | fidelity | mean rank | return | seeds × windows |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| FLOPs reduction | fidelity | mean rank | return | seeds × windows |"
     )
-    rows = [header]
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
+    if quality:
+        header += " token KL | top-1 | retrieval | KL − reference | verdict |"
+        rule += "---|---|---|---|---|"
+    rows = [header + "\n" + rule]
     for _, row in summary.iterrows():
-        rows.append(
+        line = (
             f"| {row['method']} | {row['policy']} "
             f"| {_cell(row['perplexity'], row['perplexity_std'], 2)} "
             f"| {_cell(row['delta_ppl_pct'], row['delta_ppl_pct_std'], 1)} % "
@@ -100,6 +190,19 @@ def markdown_table(summary: pd.DataFrame) -> str:
             f"| {row['mean_fidelity']:.3f} | {row['mean_rank']:.1f} | {row['return']:.2f} "
             f"| {row['seeds']} × {row['windows']} |"
         )
+        if quality:
+            verdict = row.get("verdict")
+            reference = row.get("reference")
+            versus = _interval_cell(row, "kl_vs_reference", scientific=True)
+            if versus != "n/a" and isinstance(reference, str):
+                versus = f"{versus} (vs {reference})"
+            line += (
+                f" {_interval_cell(row, 'mean_kl', scientific=True)} "
+                f"| {_interval_cell(row, 'top1_agreement')} "
+                f"| {_interval_cell(row, 'retrieval_accuracy')} "
+                f"| {versus} | {verdict if isinstance(verdict, str) else 'n/a'} |"
+            )
+        rows.append(line)
     return "\n".join(rows)
 
 

@@ -112,3 +112,62 @@ def test_single_and_duplicate_points_are_on_the_front(pairs):
 )
 def test_ppl_axis_is_symlog_only_for_wide_spans(changes, scale):
     assert ppl_axis_scale(pd.Series(changes)) == scale
+
+
+def test_quality_table_pairs_windows_against_the_reference():
+    from agents.reporting import markdown_table, quality_table, summary_table
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for window in range(8):
+        hard = rng.uniform(0.001, 0.05)  # windows differ far more than the policies
+        for policy, kind, extra in (
+            ("static_allocation", "baseline", 0.0),
+            ("ppo_mlp", "rl", 0.002),
+            ("same", "baseline", 0.0),
+        ):
+            for seed in (0, 1) if kind == "rl" else (0,):
+                rows.append(
+                    {
+                        "method": "topp",
+                        "policy": policy,
+                        "kind": kind,
+                        "seed": seed,
+                        "window": window,
+                        "mean_kl": hard + extra + (1e-9 * seed if policy == "same" else 0),
+                        "top1_agreement": 0.9,
+                        "retrieval_correct": float(window % 2) if window < 4 else np.nan,
+                    }
+                )
+    frame = pd.DataFrame(rows)
+    table = quality_table(frame).set_index("policy")
+    assert (table["reference"] == "static_allocation").all()
+    ppo = table.loc["ppo_mlp"]
+    assert ppo["kl_vs_reference"] == pytest.approx(0.002)
+    assert ppo["kl_vs_reference_low"] == pytest.approx(0.002)  # the same shift on every window
+    assert ppo["verdict"] == "higher KL"
+    assert table.loc["same", "verdict"] == "no difference"
+    assert np.isnan(table.loc["static_allocation", "kl_vs_reference"])
+    assert table.loc["ppo_mlp", "retrieval_windows"] == 4
+    assert table.loc["ppo_mlp", "retrieval_accuracy"] == pytest.approx(0.5)
+    means = frame.groupby(["policy", "window"])["mean_kl"].mean().groupby("policy").mean()
+    assert table.loc["ppo_mlp", "mean_kl"] == pytest.approx(means["ppo_mlp"])
+    low, high = table.loc["ppo_mlp", ["mean_kl_low", "mean_kl_high"]]
+    assert low < table.loc["ppo_mlp", "mean_kl"] < high
+    # without live measurements the quality columns stay empty and the table keeps its shape
+    cached = frame.drop(columns=["mean_kl", "top1_agreement", "retrieval_correct"])
+    assert quality_table(cached)["mean_kl"].isna().all()
+    full = frame.assign(
+        perplexity=20.0,
+        perplexity_full=19.0,
+        flops_reduction=0.5,
+        attention_flops_full=1e9,
+        mean_fidelity=0.99,
+        mean_rank=16.0,
+        **{"return": 1.0},
+    )
+    summary = summary_table(full)
+    text = markdown_table(summary)
+    assert "| token KL | top-1 | retrieval | KL − reference | verdict |" in text
+    assert "higher KL" in text and "(vs static_allocation)" in text
+    assert "token KL" not in markdown_table(summary.assign(mean_kl=np.nan))
