@@ -59,7 +59,6 @@ from agents.allocations import (
 from agents.reporting import markdown_from_frame
 from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
 from drrl_env.data.kinds.mix import MIX_KINDS
-from drrl_env.inspect import rollout_array
 from drrl_env.replay import replay
 from harness.statistics import mean_interval, paired_difference
 
@@ -173,13 +172,12 @@ def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     """(values, costs), each (W, S, L, A): cached cosine and realised FLOPs per cell as a
     fraction of an episode's exact attention FLOPs."""
     base = env.unwrapped
-    values = rollout_array(base.backend, "cosine").astype(np.float64)
+    values = base.rollout("cosine").astype(np.float64)
     episode_full = float(base.costs.full.sum() * base.n_layers)
-    if base.costs.static:
-        per_cell = np.broadcast_to(base.costs.executed[:, None, :], values.shape[1:])
-        costs = np.broadcast_to(per_cell, values.shape)
+    if base.costs.static:  # the same cost at every window and layer
+        costs = np.broadcast_to(base.costs.executed[None, :, None, :], values.shape)
     else:
-        costs = rollout_array(base.backend, "flops").astype(np.float64)
+        costs = base.rollout("flops")
     return values, np.asarray(costs, dtype=np.float64) / episode_full
 
 
