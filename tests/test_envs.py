@@ -140,6 +140,44 @@ def test_reward_is_the_documented_formula(tiny_env):
         assert info["reward"] == reward
 
 
+def test_damage_units_and_reward_at_end_keep_the_ranking_of_schedules(cache_root, tiny_env):
+    schedules = [[0, 3, 5, 7] * 4, [7] * 16, [0] * 16]
+    paper = [rollout(tiny_env, actions) for actions in schedules]
+    damage = gym.make(
+        "DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, damage_scale=10.0, beta=0, gamma=0
+    )
+    end = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, reward_at_end=True)
+    returns = []
+    for actions, reference in zip(schedules, paper, strict=True):
+        steps = rollout(damage, actions)[1:]
+        for (_, reward, *_, info), (_, _, *_, before) in zip(steps, reference[1:], strict=True):
+            assert reward == pytest.approx(-10.0 * (1 - before["fidelity"]), abs=1e-12)
+            assert info["reward_fidelity"] == reward == info["step_reward"]
+        returns.append(sum(step[1] for step in steps))
+        ended = rollout(end, actions)[1:]
+        assert [step[1] for step in ended[:-1]] == [0.0] * (STEPS - 1)
+        paid = sum(step[1] for step in reference[1:])
+        assert ended[-1][1] == pytest.approx(paid, abs=1e-9)
+        assert [s[4]["step_reward"] for s in ended] == [s[1] for s in reference[1:]]
+    fidelity = [sum(s[4]["fidelity"] for s in r[1:]) for r in paper]
+    assert np.argsort(returns).tolist() == np.argsort(fidelity).tolist()
+    assert max(returns) <= 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"damage_scale": 0.0}, "damage_scale must be a number > 0"),
+        ({"damage_scale": "10"}, "damage_scale must be a number > 0"),
+        ({"damage_scale": float("nan")}, "damage_scale must be a number > 0"),
+        ({"reward_at_end": 1}, "reward_at_end must be a bool"),
+    ],
+)
+def test_bad_reward_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EnvConfig(**{**TINY, **kwargs})
+
+
 def test_loss_fidelity_term_scales_the_estimated_loss_change(cache_root):
     env = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, fidelity="loss")
     for *_, info in rollout(env, [0, 3, 5, 7] * 4)[1:]:

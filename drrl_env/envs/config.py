@@ -112,6 +112,12 @@ class EnvConfig:
     """Weight of the rank-change perturbation (default 0.1; unset with ``budget``)."""
     budget: float | None = None
     """Cap on the episode's executed attention FLOPs, a fraction of exact attention's."""
+    damage_scale: float | None = None
+    """None: the paper's fidelity term; a number ``s``: the term in damage units,
+    ``-s * (1 - fidelity)`` (``drrl_env.rewards.DAMAGE_SCALE`` is the measured default)."""
+    reward_at_end: bool = False
+    """Pay the episode's summed reward at its last step only (0 before); ``info`` keeps
+    each step's own reward as ``step_reward``."""
     max_perturbation: float = 0.5
     """Guardrail: ranks whose perturbation exceeds this are masked (full rank never is)."""
     backend: str = "cached"
@@ -228,6 +234,14 @@ class EnvConfig:
 
     def _validate_reward(self) -> None:
         check_weight("alpha", self.alpha)
+        if self.damage_scale is not None:
+            if not _is_number(self.damage_scale) or self.damage_scale <= 0:
+                raise ValueError(
+                    f"damage_scale must be a number > 0 (or None for the paper's reward), "
+                    f"got {self.damage_scale!r}"
+                )
+        if not isinstance(self.reward_at_end, bool | np.bool_):
+            raise ValueError(f"reward_at_end must be a bool, got {self.reward_at_end!r}")
         if self.budget is None:
             self.weights  # noqa: B018 (validates beta and gamma)
             return
