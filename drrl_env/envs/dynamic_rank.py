@@ -99,6 +99,12 @@ class DynamicRankEnv(gym.Env):
     between the layer's previous and new rank (paper Eq. 8). Every term, weighted term and
     raw measurement is in ``info``.
 
+    Two options serve learners that plan: ``damage_scale=s`` puts the fidelity term in damage
+    units, ``-s * (1 - fidelity)`` (0 at exact attention; the return's spread across
+    policies becomes of order 1 at ``s = drrl_env.rewards.DAMAGE_SCALE``), and
+    ``reward_at_end=True`` pays the episode's summed reward at its last step and 0 before
+    (``info["step_reward"]`` keeps each step's own).
+
     ## Starting State
 
     ``reset`` samples one of the ``env.unwrapped.n_windows`` windows of the split with
@@ -132,6 +138,7 @@ class DynamicRankEnv(gym.Env):
     | fidelity | ``cosine`` | fidelity term of the reward |
     | alpha, beta, gamma | 1.0, 0.5, 0.1 | reward weights (beta, gamma unset with budget) |
     | budget | None | cap on executed attention FLOPs, fraction of exact |
+    | damage_scale, reward_at_end | None, False | reward in damage units; paid at the end |
     | max_perturbation | 0.5 | guardrail threshold of ``action_masks`` (unbudgeted) |
     | backend | ``cached`` | ``cached`` or ``live`` |
     | max_windows, device, cache_dir | 32, cpu, None | data size, torch device, cache root |
@@ -179,7 +186,10 @@ class DynamicRankEnv(gym.Env):
         self.action_space = spaces.Discrete(len(self.actions))
         self.observation_space = spaces.Box(self.layout.low, self.layout.high, dtype=np.float32)
         self.reward_function = Reward(
-            fidelity_term(self.config.fidelity), self.config.weights, self.steps
+            fidelity_term(self.config.fidelity),
+            self.config.weights,
+            self.steps,
+            self.config.damage_scale,
         )
         self.builder = ObservationBuilder(
             self.layout,
@@ -274,7 +284,7 @@ class DynamicRankEnv(gym.Env):
         self._prev_rank = [self.head_dim] * self.n_layers
         self._prev_step_rank = self.head_dim
         self._prev_cost = [(1.0, 1.0)] * self.n_layers  # (kept, FLOPs ratio) of last segment
-        self._spent, self._masked = 0.0, 0
+        self._spent, self._masked, self._return = 0.0, 0, 0.0
         self._log: dict[str, list] = {
             name: []
             for name in (
@@ -326,6 +336,11 @@ class DynamicRankEnv(gym.Env):
         self._masked += int(masked)
         self._t += 1
         terminated = self._t == self.steps
+        self._return += terms["reward"]
+        if self.config.reward_at_end:
+            reward = self._return if terminated else 0.0
+        else:
+            reward = terms["reward"]
         info = {
             "segment": segment,
             "layer": layer,
@@ -343,7 +358,9 @@ class DynamicRankEnv(gym.Env):
             "kept_fraction": float(kept),
             **{f"raw_{name}": value for name, value in raw.items()},
             **terms,
+            "step_reward": terms["reward"],
         }
+        info["reward"] = float(reward)
         if self.wall is not None:
             info["budget_left"] = self.wall.left(self._spent) / self.episode_full_flops
         if terminated:
@@ -351,7 +368,7 @@ class DynamicRankEnv(gym.Env):
             self._observation = self.builder.terminal(self._state(0, 0))
         else:
             self._observe(None if self._plan is not None else self.backend.view())
-        return self._observation, float(terms["reward"]), terminated, False, info
+        return self._observation, float(reward), terminated, False, info
 
     def action_masks(self) -> np.ndarray:
         """Allowed actions: the guardrail, or the budget's action wall (see the docstring)."""
@@ -372,7 +389,8 @@ class DynamicRankEnv(gym.Env):
         """Per action (A,): the fidelity term, FLOPs ratio, perturbation and reward.
 
         Teacher-forced lookups at the current step (``teacher_forced``:
-        ``backend='cached'``), ignoring masks.
+        ``backend='cached'``), ignoring masks. ``reward`` is the step's own reward (with
+        ``reward_at_end`` it is paid at the episode's end, summed).
         """
         if self._t is None or self._t >= self.steps:
             raise RuntimeError("candidate_values() needs a running episode: call reset()")
@@ -380,14 +398,11 @@ class DynamicRankEnv(gym.Env):
         raw = self.backend.candidates(segment, layer)
         term = self.reward_function.fidelity
         fidelity = np.array([term.value(v, self.steps) for v in raw[term.raw]])
-        weights = self.reward_function.weights
         if "flops" in raw:  # input-dependent costs: what each action realises here
             flops = np.asarray(raw["flops"]) / self.costs.full[segment]
         else:
             flops = self.costs.ratios[segment]
-        reward = (
-            weights.alpha * fidelity - weights.beta * flops - weights.gamma * self._perturbations
-        )
+        reward = self.reward_function.combine(fidelity, flops, self._perturbations)
         return {
             "fidelity": fidelity,
             "flops_ratio": flops,
