@@ -19,9 +19,12 @@ import sys
 
 from gymnasium.envs.registration import register, registry
 
+from drrl_env.rewards import DAMAGE_SCALE
+
 __version__ = "0.1.0"
 
 ENTRY_POINT = "drrl_env.envs.dynamic_rank:DynamicRankEnv"
+ONE_SHOT_ENTRY_POINT = "drrl_env.envs.one_shot:OneShotEnv"
 
 _TINY = {"model": "tiny-llama", "seq_len": 512, "segment_length": 128, "max_windows": 16}
 _TOPK = {"method": "topk"}
@@ -77,9 +80,24 @@ No id sets ``max_episode_steps``: an episode is as long as its configuration
 (segments x layers, whatever ``seq_len`` is passed) and the environment terminates it.
 """
 
+ONE_SHOT_IDS: dict[str, dict] = {
+    "DRRL-Mix-TopP-OneShot-v0": {**ENV_IDS["DRRL-Mix-TopP-Budget-v0"]},
+    "DRRL-Wikitext-Budget-OneShot-v0": {**ENV_IDS["DRRL-Wikitext-Budget-v0"]},
+    "DRRL-Tiny-TopP-OneShot-v0": {**ENV_IDS["DRRL-Tiny-TopP-Budget-v0"]},
+}
+"""One-shot ids (:class:`~drrl_env.envs.one_shot.OneShotEnv`: one ``MultiDiscrete`` action
+sets every cell of a window) -> their keywords: the budget ids' settings, with the reward in
+damage units (the return is the only number a bandit learner sees; in the paper's units it
+is about 120 for every policy, with a spread of a few hundredths)."""
+for _kwargs in ONE_SHOT_IDS.values():
+    _kwargs["damage_scale"] = DAMAGE_SCALE
+
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:
         register(id=_env_id, entry_point=ENTRY_POINT, kwargs=_kwargs)
+for _env_id, _kwargs in ONE_SHOT_IDS.items():
+    if _env_id not in registry:
+        register(id=_env_id, entry_point=ONE_SHOT_ENTRY_POINT, kwargs=_kwargs)
 
 
 def _preload_in_forkserver_workers() -> None:

@@ -87,8 +87,26 @@ def play_episode(
         RuntimeError: The episode was cut before its last step (no episode summary).
     """
     if not callable(choose):
-        choose = table_chooser(env, choose)
+        choose = table_chooser(env, choose)  # a bad table fails before the reset
     observation, _ = env.reset(options={"window": int(window)})
+    return continue_episode(env, choose, observation, record_steps=record_steps)
+
+
+def continue_episode(
+    env: gym.Env,
+    choose: Chooser | np.ndarray,
+    observation: np.ndarray,
+    *,
+    record_steps: bool = False,
+) -> Trace:
+    """Step ``env``, just reset (``observation`` is what ``reset`` returned), to the end of
+    its episode with ``choose``: :func:`play_episode` without the reset, for a caller that
+    needs the first observation before it chooses (the one-shot env)."""
+    if env.unwrapped.step_index != 0:
+        raise RuntimeError("continue_episode needs an env just reset (at step 0)")
+    if not callable(choose):
+        choose = table_chooser(env, choose)
+    window = env.unwrapped.window
     rewards: list[float] = []
     requested: list[int] = []
     steps: list[dict[str, Any]] | None = [] if record_steps else None
