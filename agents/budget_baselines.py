@@ -78,6 +78,29 @@ def knapsack(values: np.ndarray, costs: np.ndarray, cap: float, bins: int = COST
     Raises:
         ValueError: Even the cheapest choices exceed ``cap``.
     """
+    picks, units = knapsack_table(values, costs, cap, bins)
+    chosen, left = np.zeros(len(picks), dtype=np.int64), bins
+    for item in range(len(picks)):
+        chosen[item] = picks[item, left]
+        left -= units[item, chosen[item]]
+    return chosen
+
+
+def knapsack_table(
+    values: np.ndarray, costs: np.ndarray, cap: float, bins: int = COST_BINS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dynamic programme behind :func:`knapsack`, for every amount of budget left.
+
+    Returns:
+        ``picks`` (items, bins + 1): the optimal choice of item ``i`` when ``u`` cost units
+        are left for items ``i, i+1, ...`` (one unit is ``cap / bins``), and ``units``
+        (items, choices): each choice's cost in units, rounded up. Following ``picks`` from
+        any state is the optimum of the rest, which is what an expert queried at a state a
+        learner reached (DAgger) answers.
+
+    Raises:
+        ValueError: Even the cheapest choices exceed ``cap``.
+    """
     values, costs = np.asarray(values, np.float64), np.asarray(costs, np.float64)
     units = np.ceil(costs / (cap / bins) - 1e-9).astype(np.int64)  # (items, choices)
     items, choices = values.shape
@@ -94,11 +117,7 @@ def knapsack(values: np.ndarray, costs: np.ndarray, cap: float, bins: int = COST
             candidates[choice, fits] = values[item, choice] + best[left[fits]]
         picks[item] = np.argmax(candidates, axis=0)
         best = candidates.max(axis=0)
-    chosen, left = np.zeros(items, dtype=np.int64), bins
-    for item in range(items):
-        chosen[item] = picks[item, left]
-        left -= units[item, chosen[item]]
-    return chosen
+    return picks, units
 
 
 def dp_schedule(env: gym.Env, window: int) -> np.ndarray:

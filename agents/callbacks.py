@@ -34,6 +34,8 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv
 
 PREFIX = "env"
+MASKABLE_ALGOS = ("maskable_ppo", "bc", "dagger")
+"""Algorithms whose models take action masks (sb3-contrib MaskablePPO and its imitators)."""
 STEP_KEYS = ("fidelity", "flops_ratio", "perturbation")
 EPISODE_KEYS = {
     "mean_fidelity": "episode_mean_fidelity",
@@ -116,7 +118,7 @@ def early_stopping_callback(
     if not isinstance(eval_env, VecEnv) and not _is_monitored(eval_env):
         eval_env = Monitor(eval_env)
     stop = StopTrainingOnNoModelImprovement(max_no_improvement_evals=patience, min_evals=min_evals)
-    eval_class = MaskableEvalCallback if algo == "maskable_ppo" else EvalCallback
+    eval_class = MaskableEvalCallback if algo in MASKABLE_ALGOS else EvalCallback
     return eval_class(
         eval_env,
         callback_after_eval=stop,

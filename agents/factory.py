@@ -45,6 +45,7 @@ from agents.hyperparams import (
     field_names,
     with_overrides,
 )
+from agents.imitation import BehaviourCloning, DAgger
 from agents.transformer_policy import StateTokenExtractor, layout_for_space
 
 ALGOS: dict[str, type[BaseAlgorithm]] = {
@@ -52,6 +53,8 @@ ALGOS: dict[str, type[BaseAlgorithm]] = {
     "a2c": A2C,
     "dqn": DQN,
     "maskable_ppo": MaskablePPO,
+    "bc": BehaviourCloning,
+    "dagger": DAgger,
 }
 """Algorithm name -> stable-baselines3 / sb3-contrib class."""
 
@@ -62,7 +65,9 @@ ALGO_ATTRIBUTE = "drrl_algo"
 POLICY_ATTRIBUTE = "drrl_policy"
 SIGNATURE_ATTRIBUTE = "drrl_env_signature"
 """Model attribute (saved in the zip's data) holding the training env's signature."""
-_DISCRETE_ONLY = ("dqn",)
+_DISCRETE_ONLY = ("dqn", "bc", "dagger")
+_MASKED = ("maskable_ppo", "bc", "dagger")
+_IMITATION = ("bc", "dagger")
 _MANAGED = ("policy", "env", "policy_kwargs", "tensorboard_log", "seed", "verbose", "device")
 
 
@@ -308,8 +313,13 @@ def check_env_for(algo: str, env: gym.Env | VecEnv) -> None:
             f"{algo} needs a Discrete action space, got {action_space}; "
             f"use one of {', '.join(a for a in ALGOS if a not in _DISCRETE_ONLY)}"
         )
-    if algo == "maskable_ppo" and not is_masking_supported(env):
-        raise ValueError("maskable_ppo needs an env with an action_masks() method")
+    if algo in _MASKED and not is_masking_supported(env):
+        raise ValueError(f"{algo} needs an env with an action_masks() method")
+    if algo in _IMITATION and not is_budgeted(env):
+        raise ValueError(
+            f"{algo} imitates the per-window optimum under a budget: pass a budgeted cached "
+            "env, e.g. gym.make('DRRL-Mix-TopP-Budget-v0')"
+        )
 
 
 def build_policy_kwargs(

@@ -65,6 +65,30 @@ class MaskablePPOParams(PPOParams):
 
 
 @dataclass(frozen=True)
+class BCParams(MaskablePPOParams):
+    """Behaviour cloning of the per-window optimum (:class:`agents.imitation.BehaviourCloning`).
+
+    The PPO fields size the network and serve a later PPO fine-tuning; the imitation fields
+    drive ``learn``. The expert is deterministic, so its demonstrations of the same train
+    windows repeat: 20 epochs over them at 1e-3 (Adam) bring the train accuracy to a plateau
+    in seconds on the 12-window mix cache, and batches of 256 steps are about two windows."""
+
+    imitation_epochs: int = 20
+    imitation_batch_size: int = 256
+    imitation_learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DAggerParams(BCParams):
+    """DAgger from the per-window optimum (:class:`agents.imitation.DAgger`): 4 rounds, the
+    expert acting with probability 1, 1/2, 1/4, 1/8 (Ross et al.'s decaying mixture); the
+    later rounds label the states the policy itself reaches, where cloning alone has no
+    data (after a mistake that spent budget early)."""
+
+    rounds: int = 4
+
+
+@dataclass(frozen=True)
 class A2CParams:
     """Advantage Actor-Critic (stable-baselines3 ``A2C``)."""
 
@@ -132,6 +156,8 @@ ALGO_PARAMS: dict[str, type] = {
     "a2c": A2CParams,
     "dqn": DQNParams,
     "maskable_ppo": MaskablePPOParams,
+    "bc": BCParams,
+    "dagger": DAggerParams,
 }
 
 POLICY_PARAMS: dict[str, type] = {

@@ -61,7 +61,8 @@ def layout_for_space(observation_space: spaces.Space) -> ObservationLayout:
     """Reconstruct the observation layout from a flat Box space's size.
 
     The size is ``fixed + per_action * n_actions``, with a larger ``fixed`` for budgeted
-    episodes. A size that fits both is read as unbudgeted: pass the env's layout
+    episodes and for input-dependent costs (``topp``). A size that fits several is read as
+    the first of unbudgeted, budgeted, input-dependent costs: pass the env's layout
     (``env.unwrapped.layout``) for a budgeted env, as :func:`agents.make_agent` does. Every
     constant comes from the layout itself.
 
@@ -73,17 +74,19 @@ def layout_for_space(observation_space: spaces.Space) -> ObservationLayout:
             f"the transformer policy needs a flat Box observation space, got {observation_space}"
         )
     size = observation_space.shape[0]
-    for budgeted in (False, True):
-        empty = ObservationLayout(0, budgeted)
+    for budgeted, input_costs in ((False, False), (True, False), (False, True), (True, True)):
+        empty = ObservationLayout(0, budgeted, input_costs=input_costs)
         per_action = sum(1 for f in empty.features if f.per_action)
         n_actions, rest = divmod(size - empty.size, per_action)
-        if n_actions >= 1 and not rest and ObservationLayout(n_actions, budgeted).size == size:
-            return ObservationLayout(n_actions, budgeted)
+        layout = ObservationLayout(max(n_actions, 0), budgeted, input_costs=input_costs)
+        if n_actions >= 1 and not rest and layout.size == size:
+            return layout
     empty = ObservationLayout(0)
     per_action = sum(1 for f in empty.features if f.per_action)
     raise ValueError(
         f"observation size {size} is not a dynamic-rank observation: expected "
-        f"{empty.size} (+2 with a budget) + {per_action} * n_actions entries, n_actions >= 1"
+        f"{empty.size} (+3 with a budget, +2 with input-dependent costs) + {per_action} * "
+        "n_actions entries, n_actions >= 1"
     )
 
 

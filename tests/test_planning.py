@@ -1,0 +1,159 @@
+"""Learners that plan under a budget: the one-shot env, the expert, BC and DAgger (tiny model)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import drrl_env
+from agents import load_agent, make_agent, save_agent
+from agents.budget_baselines import knapsack
+from agents.evaluation import actor
+from agents.imitation import Expert
+from drrl_env.episodes import play_episode
+
+STEPS = 16  # 4 segments x 4 layers
+
+
+@pytest.fixture(scope="module")
+def budget_env(cache_root):
+    return gym.make("DRRL-Tiny-TopP-Budget-v0", cache_dir=cache_root, max_windows=3)
+
+
+@pytest.fixture(scope="module")
+def one_shot(cache_root):
+    return gym.make("DRRL-Tiny-TopP-OneShot-v0", cache_dir=cache_root, max_windows=3)
+
+
+def test_one_shot_ids_are_registered_in_damage_units():
+    assert set(drrl_env.ONE_SHOT_IDS) == {
+        "DRRL-Mix-TopP-OneShot-v0",
+        "DRRL-Wikitext-Budget-OneShot-v0",
+        "DRRL-Tiny-TopP-OneShot-v0",
+    }
+    for kwargs in drrl_env.ONE_SHOT_IDS.values():
+        assert kwargs["budget"] is not None and kwargs["damage_scale"] == drrl_env.DAMAGE_SCALE
+
+
+def test_one_shot_env_passes_both_checkers(one_shot):
+    gym_check_env(one_shot.unwrapped, skip_render_check=True)
+    sb3_check_env(one_shot.unwrapped, warn=True)
+
+
+def test_one_shot_step_is_the_sequential_episode(one_shot, cache_root):
+    env = one_shot.unwrapped
+    sequential = gym.make(
+        "DRRL-Tiny-TopP-Budget-v0",
+        cache_dir=cache_root,
+        max_windows=3,
+        damage_scale=drrl_env.DAMAGE_SCALE,
+    )
+    rng = np.random.default_rng(0)
+    assert env.action_space.shape == (STEPS,)
+    for window in range(3):
+        action = rng.integers(len(env.actions), size=STEPS)
+        observation, info = one_shot.reset(options={"window": window})
+        first, _ = sequential.reset(options={"window": window})
+        np.testing.assert_array_equal(observation, first)
+        _, reward, terminated, truncated, info = one_shot.step(action)
+        trace = play_episode(sequential, action.reshape(4, 4), window)
+        assert terminated and not truncated
+        assert reward == pytest.approx(trace.rewards.sum(), abs=1e-12)
+        np.testing.assert_array_equal(info["requested"], action.reshape(4, 4))
+        assert info["episode_summary"]["actions"] == trace.summary["actions"]
+        assert info["episode_summary"]["flops_ratio"] <= 0.5 + 1e-9  # the wall clips
+        assert reward <= 0.0  # damage units: exact attention scores 0
+
+
+def test_one_shot_refuses_bad_actions_and_a_step_before_reset(cache_root):
+    env = gym.make("DRRL-Tiny-TopP-OneShot-v0", cache_dir=cache_root, max_windows=3).unwrapped
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(np.zeros(STEPS, dtype=np.int64))
+    env.reset(seed=0)
+    n = len(env.actions)
+    for bad in (np.zeros(STEPS - 1, dtype=np.int64), np.full(STEPS, n), np.zeros(STEPS) + 0.5):
+        with pytest.raises(ValueError, match="one per segment x layer cell"):
+            env.step(bad)
+    env.step(np.zeros(STEPS, dtype=np.int64))
+    with pytest.raises(RuntimeError, match="before reset"):  # one step per episode
+        env.step(np.zeros(STEPS, dtype=np.int64))
+
+
+def test_expert_is_the_knapsack_optimum_from_every_state(budget_env):
+    expert = Expert(budget_env)
+    actions = len(budget_env.unwrapped.actions)
+    for window in range(3):
+        flat_values = expert.values[window].reshape(-1, actions)
+        flat_costs = expert.costs[window].reshape(-1, actions)
+
+        def worth(chosen, cells=slice(None), values=flat_values, costs=flat_costs):
+            picked = np.asarray(chosen)[:, None]
+            return (
+                np.take_along_axis(values[cells], picked, 1).sum(),
+                np.take_along_axis(costs[cells], picked, 1).sum(),
+            )
+
+        # From the start: feasible and worth at least the knapsack's own plan.
+        schedule = expert.schedule(window).reshape(-1)
+        value, cost = worth(schedule)
+        assert cost <= expert.cap * (1 + 1e-9)
+        assert value >= worth(knapsack(flat_values, flat_costs, expert.cap))[0] - 1e-12
+        # From a state after other choices (exact attention at the first five cells): the
+        # optimum of the rest, the knapsack of the remaining cells with the budget left.
+        spent = float(flat_costs[:5, -1].sum())
+        units = int(np.floor((expert.cap - spent) / expert.unit + 1e-9))
+        rest = knapsack(flat_values[5:], flat_costs[5:], units * expert.unit, bins=units)
+        walked, cost = [], spent
+        for step in range(5, STEPS):
+            walked.append(expert.action(window, step, cost))
+            cost += flat_costs[step, walked[-1]]
+        assert cost <= expert.cap * (1 + 1e-9)
+        assert worth(walked, slice(5, None))[0] >= worth(rest, slice(5, None))[0] - 1e-12
+
+
+def test_expert_needs_a_budgeted_cached_env(cache_root):
+    with pytest.raises(ValueError, match="under a budget"):
+        Expert(gym.make("DRRL-Tiny-TopP-v0", cache_dir=cache_root, max_windows=3))
+    live = gym.make("DRRL-Tiny-TopP-Budget-v0", cache_dir=cache_root, max_windows=3)
+    live.unwrapped.backend.teacher_forced = False  # as the live backend declares
+    try:
+        with pytest.raises(ValueError, match="backend='cached'"):
+            Expert(live)
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize(("algo", "policy"), [("bc", "mlp"), ("dagger", "transformer")])
+def test_imitation_learns_the_expert_on_its_windows(algo, policy, budget_env, tmp_path):
+    extra = {"rounds": 2} if algo == "dagger" else {}
+    model = make_agent(algo, budget_env, policy, seed=0, imitation_epochs=200, **extra)
+    model.learn(6 * STEPS)
+    history = model.imitation_history
+    assert len(history) == (1 if algo == "bc" else 2)
+    assert history[-1]["samples"] == 6 * STEPS and model.num_timesteps == 6 * STEPS
+    if algo == "dagger":
+        assert [row["expert_rate"] for row in history] == [1.0, 0.5]
+    # Deterministic imitation of a deterministic expert on three windows it saw twice.
+    expert = Expert(budget_env)
+    agree = []
+    for window in range(3):
+        trace = play_episode(budget_env, actor(model), window)
+        agree.append(np.mean(trace.actions == expert.schedule(window)))
+        assert trace.summary["flops_ratio"] <= 0.5 + 1e-9
+    assert history[-1]["accuracy"] >= 0.8 and np.mean(agree) >= 0.6
+    again = load_agent(save_agent(model, tmp_path / algo), env=budget_env)
+    trace = play_episode(budget_env, actor(again), 0)
+    np.testing.assert_array_equal(trace.actions, play_episode(budget_env, actor(model), 0).actions)
+
+
+def test_imitation_refuses_an_unbudgeted_env_and_bad_settings(cache_root, budget_env):
+    plain = gym.make("DRRL-Tiny-TopP-v0", cache_dir=cache_root, max_windows=3)
+    with pytest.raises(ValueError, match="imitates the per-window optimum under a budget"):
+        make_agent("bc", plain)
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        make_agent("dagger", budget_env, rounds=0)
+    with pytest.raises(ValueError, match="imitation_epochs must be an int >= 1"):
+        make_agent("bc", budget_env, imitation_epochs=0)
