@@ -40,6 +40,7 @@ from agents.baselines import GreedyOraclePolicy, SchedulePolicy, make_baseline
 from agents.budget_baselines import BUDGET_BASELINES as BUDGET_BASELINES_BY_NAME
 from agents.budget_baselines import LagrangianGreedyPolicy, dp_schedule
 from agents.callbacks import RankMetricsCallback
+from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import (
     COLUMNS,
     actor,
@@ -269,25 +270,27 @@ def run_trial(trial: Trial, args: Args) -> dict[str, Any]:
     the run folder: the caller writes what it returns.
 
     Returns:
-        ``rows`` (the per-window rows, ``per_window.csv`` columns), ``model_zip`` (the saved
-        agent), ``tensorboard`` (relative path -> bytes of its TensorBoard files) and
-        ``train_s``.
+        ``rows`` (the per-window rows, ``per_window.csv`` columns), ``curve`` (the learning
+        curve rows, :func:`learning_curve`, labelled with method, policy and seed),
+        ``model_zip`` (the saved agent), ``tensorboard`` (relative path -> bytes of its
+        TensorBoard files) and ``train_s`` (training, learning curve included).
     """
     torch.set_num_threads(args.threads)
     algo, policy = parse_agent(trial.agent)
     with tempfile.TemporaryDirectory(prefix="drrl-trial-") as scratch:
         board = Path(scratch) / "tensorboard"
         started = time.perf_counter()
+        curve = learning_curve(args, trial.method)
         env = training_env(args, trial.method, trial.seed)
         try:
             model = make_agent(algo, env, policy, seed=trial.seed, tensorboard_log=board)
-            model.learn(
-                args.total_timesteps, callback=RankMetricsCallback(), tb_log_name=trial.run_id
-            )
+            callbacks = [RankMetricsCallback(), curve]
+            model.learn(args.total_timesteps, callback=callbacks, tb_log_name=trial.run_id)
             train_s = time.perf_counter() - started
             model_zip = save_agent(model, Path(scratch) / "model").read_bytes()
         finally:
             env.close()
+            curve.eval_env.close()
         live = eval_env(args, trial.method)
         try:
             windows = list(range(live.unwrapped.n_windows))
@@ -302,17 +305,44 @@ def run_trial(trial: Trial, args: Args) -> dict[str, Any]:
         }
     rows = frame.assign(seed=trial.seed, kind="rl", method=trial.method)
     rows = rows.assign(attention_flops_full=flops)
+    labels = {"method": trial.method, "policy": trial.policy, "seed": trial.seed}
     return {
         "rows": rows.to_dict("records"),
+        "curve": [{**labels, **row} for row in curve.history],
         "model_zip": model_zip,
         "tensorboard": files,
         "train_s": train_s,
     }
 
 
+CURVE_POINTS = 10
+"""Evaluations of a trial's learning curve besides the one at the start."""
+CURVE_BASELINES = ("full_rank", "greedy_oracle")
+"""Baselines drawn next to the learning curves of an unbudgeted env."""
+BUDGET_CURVE_BASELINES = ("static_allocation", "lagrangian_greedy", "dp_optimum")
+"""Baselines drawn next to the learning curves of a budgeted env."""
+
+
+def learning_curve(args: Args, method: str) -> LearningCurveCallback:
+    """The learning curve of a trial: every ``total_timesteps // CURVE_POINTS`` steps, the
+    agent's return on the eval windows of the cached env (the held-out windows of the table,
+    teacher-forced), beside :data:`CURVE_BASELINES` (:data:`BUDGET_CURVE_BASELINES` when
+    budgeted) on the same windows."""
+    env = cached_env(args, method, "eval")
+    windows = list(range(env.unwrapped.n_windows))
+    has_budget = env.unwrapped.config.budget is not None
+    names = BUDGET_CURVE_BASELINES if has_budget else CURVE_BASELINES
+    baselines = {name: baseline_policy(name, env, args, method, windows) for name in names}
+    every = max(args.total_timesteps // CURVE_POINTS, 1)
+    return LearningCurveCallback(env, windows, every, baselines=baselines)
+
+
 def write_trial(run_dir: Path, log: RowLog, trial: Trial, result: dict[str, Any]) -> None:
-    """Write a finished trial: model, TensorBoard files, leaderboard CSV, then its log rows."""
+    """Write a finished trial: model, TensorBoard files, learning curve
+    (``curves/<run_id>.csv``), leaderboard CSV, then its log rows."""
     write_atomic(run_dir / "models" / f"{trial.run_id}.zip", result["model_zip"])
+    curve = pd.DataFrame(result["curve"]).to_csv(index=False)
+    write_atomic(run_dir / "curves" / f"{trial.run_id}.csv", curve)
     board = run_dir / "tensorboard"
     for stale in board.glob(f"{trial.run_id}_*"):  # left by a write cut short
         shutil.rmtree(stale)
@@ -627,8 +657,16 @@ def run_baselines(
 
 
 def write_tables(run_dir: Path, per_window: pd.DataFrame) -> None:
-    """``summary.csv``, ``table.md`` and ``pareto.png`` from the per-window rows."""
+    """``summary.csv``, ``table.md`` and ``pareto.png`` from the per-window rows, and
+    ``learning_curves.png`` from the curves of the trials among them (``curves/*.csv``)."""
     summary = summary_table(per_window)
     summary.to_csv(run_dir / "summary.csv", index=False)
     write_markdown(summary, run_dir / "table.md")
     pareto_plot(summary, run_dir / "pareto.png")
+    curves = read_curves(run_dir / "curves")
+    if curves.empty:
+        return
+    trials = per_window.loc[per_window["kind"] == "rl", ["method", "policy", "seed"]]
+    curves = trials.drop_duplicates().merge(curves, on=["method", "policy", "seed"])
+    if not curves.empty:  # the curves of the table's trials, in its order
+        plot_curves(curves, run_dir / "learning_curves.png")
