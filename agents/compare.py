@@ -49,8 +49,12 @@ from agents.evaluation import (
     write_csv,
 )
 from agents.factory import ALGOS, POLICIES, make_agent, save_agent
-from agents.reporting import pareto_plot, summary_table, write_markdown
-from agents.runs import (
+from drrl_env.episodes import play_episode
+from drrl_env.inspect import env_config
+from drrl_env.methods import method_names
+from drrl_env.rewards import RewardWeights
+from harness.reporting import pareto_plot, summary_table, write_markdown
+from harness.runs import (
     ArgumentError,
     RowLog,
     RunFolder,
@@ -62,10 +66,6 @@ from agents.runs import (
     execute,
     write_atomic,
 )
-from drrl_env.episodes import play_episode
-from drrl_env.inspect import env_config
-from drrl_env.methods import method_names
-from drrl_env.rewards import RewardWeights
 
 console = Console()
 

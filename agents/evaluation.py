@@ -40,7 +40,6 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.baselines import BaselinePolicy, GreedyOraclePolicy
 from agents.factory import ALGO_ATTRIBUTE, POLICY_ATTRIBUTE, check_spaces_match
-from agents.runs import CONFIG_FILE
 from drrl_env.episodes import Chooser, play_episode
 from drrl_env.replay import (
     EXACT,
@@ -51,6 +50,7 @@ from drrl_env.replay import (
     reward_tolerance,
     validate,
 )
+from harness.runs import CONFIG_FILE
 
 Policy = BaseAlgorithm | BaselinePolicy
 

@@ -1,10 +1,10 @@
-"""What the notebooks need on top of :mod:`agents.evaluation` and :mod:`agents.reporting`.
+"""What the notebooks need on top of :mod:`agents.evaluation` and :mod:`harness.reporting`.
 
 - :func:`comparison_frame`: agents and baselines evaluated on the same windows, in the
-  per-window form :func:`agents.reporting.summary_table` expects;
+  per-window form :func:`harness.reporting.summary_table` expects;
 - :func:`ranks_per_layer`: the mean executed rank of each layer, per policy;
 - :func:`episode_trace`: one episode step by step, guardrail mask included;
-- :func:`pareto_image`: :func:`agents.reporting.pareto_plot` as an inline image.
+- :func:`pareto_image`: :func:`harness.reporting.pareto_plot` as an inline image.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from agents.evaluation import Policy, actor, leaderboard
-from agents.reporting import pareto_plot
 from drrl_env.episodes import play_episode
+from harness.reporting import pareto_plot
 
 
 def comparison_frame(
@@ -33,7 +33,7 @@ def comparison_frame(
     """Every policy on the same ``windows`` of ``env``: one row per (policy, window).
 
     The leaderboard rows of :func:`agents.evaluation.leaderboard` plus the columns
-    :func:`agents.reporting.summary_table` groups by: ``kind`` (``rl`` or ``baseline``),
+    :func:`harness.reporting.summary_table` groups by: ``kind`` (``rl`` or ``baseline``),
     ``seed``, ``method`` (the env's) and ``attention_flops_full`` (full-rank attention
     FLOPs of one episode).
 
@@ -94,7 +94,7 @@ def episode_trace(policy: Policy, env: gym.Env, window: int) -> pd.DataFrame:
 
 
 def pareto_image(summary: pd.DataFrame):
-    """:func:`agents.reporting.pareto_plot` of ``summary`` as an ``IPython.display.Image``.
+    """:func:`harness.reporting.pareto_plot` of ``summary`` as an ``IPython.display.Image``.
 
     ``pareto_plot`` switches matplotlib to the file-only ``Agg`` backend; the backend in
     use before (e.g. a notebook's inline one) is restored afterwards.

@@ -56,10 +56,10 @@ from agents.allocations import (
     random_search,
     static_per_layer,
 )
-from agents.reporting import markdown_from_frame
-from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.replay import replay
+from harness.reporting import markdown_from_frame
+from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
 from harness.statistics import mean_interval, paired_difference
 
 POLICIES = (

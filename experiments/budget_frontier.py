@@ -27,8 +27,8 @@ import tyro
 
 from agents.compare import Args as CompareArgs
 from agents.compare import main as compare
-from agents.reporting import markdown_from_frame, ppl_axes
-from agents.runs import ArgumentError, RunFolder, check_unique, run_main
+from harness.reporting import markdown_from_frame, ppl_axes
+from harness.runs import ArgumentError, RunFolder, check_unique, run_main
 
 FRONTIER_COLUMNS = (
     ("budget", "budget", "{:g}"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tyro
 
 from agents.compare import Args, main
-from agents.runs import run_main
+from harness.runs import run_main
 
 __all__ = ["Args", "main"]
 

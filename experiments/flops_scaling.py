@@ -33,7 +33,6 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from agents.reporting import markdown_from_frame
 from drrl_env.flops import attention_core_saving_bound, flops_ratio
 from drrl_env.lm.kernel_timing import (
     AttentionShape,
@@ -43,6 +42,7 @@ from drrl_env.lm.kernel_timing import (
     time_call,
 )
 from drrl_env.methods import method_class, method_names
+from harness.reporting import markdown_from_frame
 
 DEFAULT_METHODS = ("gram", "svd", "calibrated")
 """The methods measured by default (``--methods`` takes any method whose ``low_rank_scores``

@@ -34,7 +34,7 @@ from rich.progress import Progress
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import evaluate_policy_on_windows, make_baseline, read_csv
 from agents.evaluation import config_json
-from agents.reporting import (
+from harness.reporting import (
     FRONT_FAMILIES,
     front_plot,
     markdown_from_frame,

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents.proxy import PROXIES, cached_proxies, correlations, live_change, schedules
-from agents.reporting import markdown_from_frame
-from agents.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from harness.reporting import markdown_from_frame
+from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
 
 KEY = ("window", "schedule")
 COLUMNS_MD = (

@@ -35,10 +35,10 @@ from rich.progress import Progress
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import RankMetricsCallback, evaluate_policy_on_windows, make_agent, save_agent
 from agents.hyperparams import DISCOUNT
-from agents.reporting import markdown_from_frame, summary_table
-from agents.runs import RunFolder, run_main
 from drrl_env.envs.config import EnvConfig
 from drrl_env.rewards import RewardWeights
+from harness.reporting import markdown_from_frame, summary_table
+from harness.runs import RunFolder, run_main
 
 console = Console()
 

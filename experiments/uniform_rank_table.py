@@ -44,7 +44,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from agents.runs import (
+from drrl_env.data import load_windows
+from drrl_env.lm.models import LoadedModel, load_model
+from drrl_env.lm.runner import WindowResult, run_window
+from drrl_env.methods import make_method, method_class, method_names
+from drrl_env.methods.base import CallShape, Setting
+from harness.runs import (
     ArgumentError,
     RowLog,
     RunFolder,
@@ -52,11 +57,6 @@ from agents.runs import (
     check_unique,
     run_main,
 )
-from drrl_env.data import load_windows
-from drrl_env.lm.models import LoadedModel, load_model
-from drrl_env.lm.runner import WindowResult, run_window
-from drrl_env.methods import make_method, method_class, method_names
-from drrl_env.methods.base import CallShape, Setting
 
 COLUMNS = (
     "method",
@@ -338,7 +338,7 @@ def markdown_from_csv(csv_path: Path, head_dim: int | None = None) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    """Write the rows with full precision (the format :class:`~agents.runs.RowLog` appends)."""
+    """Write the rows with full precision (the format :class:`~harness.runs.RowLog` appends)."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()

@@ -17,8 +17,8 @@ from agents.compare import Args, Trial, learning_curve, run_trial, write_tables,
 from agents.curves import LearningCurveCallback, baseline_returns, plot_curves, read_curves
 from agents.evaluation import actor
 from agents.factory import make_agent
-from agents.runs import RowLog
 from drrl_env.episodes import play_episode
+from harness.runs import RowLog
 
 WINDOWS = [0, 1]
 TOTAL = 128

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents.reporting import (
+from harness.reporting import (
     front_plot,
     markdown_from_frame,
     pareto_front,
@@ -115,7 +115,7 @@ def test_ppl_axis_is_symlog_only_for_wide_spans(changes, scale):
 
 
 def test_quality_table_pairs_windows_against_the_reference():
-    from agents.reporting import markdown_table, quality_table, summary_table
+    from harness.reporting import markdown_table, quality_table, summary_table
 
     rng = np.random.default_rng(0)
     rows = []

@@ -24,9 +24,9 @@ import torch
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from agents import read_csv, replay_csv
-from agents.reporting import markdown_table
-from agents.runs import ArgumentError
 from drrl_env.replay import live_env
+from harness.reporting import markdown_table
+from harness.runs import ArgumentError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare_agents.py"

@@ -197,7 +197,7 @@ def pareto_dir(tmp_path_factory, cache, agents_csv) -> Path:
 
 
 def test_pareto_outputs(pareto_dir):
-    from agents.reporting import pareto_front
+    from harness.reporting import pareto_front
 
     script = load_script("experiments/pareto.py")
     front = pd.read_csv(pareto_dir / "front.csv")

@@ -17,7 +17,6 @@ from agents.notebook_helpers import (
     pareto_image,
     ranks_per_layer,
 )
-from agents.reporting import summary_table
 from drrl_env.inspect import (
     attention_shape,
     effective_rank,
@@ -28,6 +27,7 @@ from drrl_env.inspect import (
     rollout_array,
     smallest_rank_reaching,
 )
+from harness.reporting import summary_table
 
 
 def test_layer_fidelity_is_the_mean_over_windows_and_segments(env):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from agents.runs import execute
+from harness.runs import execute
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'drrl-gym[ray]'")
 

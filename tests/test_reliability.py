@@ -22,9 +22,9 @@ import pytest
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents.evaluation import read_csv, replay_csv
-from agents.runs import ArgumentError
 from drrl_env.envs.config import EnvConfig
 from drrl_env.replay import ReplayMismatch, live_env
+from harness.runs import ArgumentError
 
 ROOT = Path(__file__).resolve().parents[1]
 

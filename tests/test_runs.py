@@ -1,4 +1,4 @@
-"""agents.runs: run-name checks, run folders (new / overwrite / resume), the incremental row
+"""harness.runs: run-name checks, run folders (new / overwrite / resume), the incremental row
 log, device and executor checks, and the local executor."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from agents import runs
-from agents.runs import (
+from harness import runs
+from harness.runs import (
     ArgumentError,
     RowLog,
     RunFolder,
