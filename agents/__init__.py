@@ -5,15 +5,21 @@
   ``transformer``), defaults in :mod:`agents.hyperparams`;
 - :class:`StateTokenExtractor`: the paper's Transformer over state tokens, an SB3
   ``BaseFeaturesExtractor``;
-- baselines with SB3's ``predict`` interface (:data:`BASELINES`, :func:`make_baseline`);
+- baselines with SB3's ``predict`` interface, in one registry (:data:`BASELINES`,
+  :func:`make_baseline`, :func:`register_baseline`, :class:`Baseline`);
 - :class:`RankMetricsCallback` and the checkpoint / early-stopping helpers;
 - :func:`evaluate_policy_on_windows`, :func:`leaderboard`, :func:`replay_csv`.
 """
 
 from __future__ import annotations
 
-from agents.baselines import (
+from agents.baseline_registry import (
     BASELINES,
+    Baseline,
+    BaselineContext,
+    register_baseline,
+)
+from agents.baselines import (
     BaselinePolicy,
     EnergyThresholdPolicy,
     FullRankPolicy,
@@ -55,6 +61,8 @@ from agents.transformer_policy import StateTokenExtractor, layout_for_space, tok
 __all__ = [
     "ALGOS",
     "BASELINES",
+    "Baseline",
+    "BaselineContext",
     "COLUMNS",
     "POLICIES",
     "A2CParams",
@@ -82,6 +90,7 @@ __all__ = [
     "load_agent",
     "make_agent",
     "make_baseline",
+    "register_baseline",
     "predict_action",
     "read_csv",
     "replay_csv",

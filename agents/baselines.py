@@ -246,21 +246,12 @@ class SchedulePolicy(BaselinePolicy):
         return int(self.actions[self.env.window][self.env.step_index])
 
 
-BASELINES: dict[str, type[BaselinePolicy]] = {
-    "full_rank": FullRankPolicy,
-    "static_rank": StaticRankPolicy,
-    "uniform_random": UniformRandomPolicy,
-    "energy_threshold": EnergyThresholdPolicy,
-    "greedy_oracle": GreedyOraclePolicy,
-}
-"""Baseline name -> class (``make_baseline`` passes extra keywords: rank, seed, tau)."""
-
-
 def make_baseline(name: str, env: gym.Env, **kwargs: Any) -> BaselinePolicy:
-    """Build the baseline ``name`` for ``env``; ValueError listing the names if unknown."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; valid baselines: {', '.join(BASELINES)}")
-    return BASELINES[name](env, **kwargs)
+    """Build the registered baseline ``name`` for ``env`` (see
+    :func:`agents.baseline_registry.make_baseline`: the one registry of baselines)."""
+    from agents.baseline_registry import make_baseline as build
+
+    return build(name, env, **kwargs)
 
 
 def standard_baselines(

@@ -25,8 +25,6 @@ then act on any env of the same action grid and budget, the live one included.
 
 from __future__ import annotations
 
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
 
@@ -261,11 +259,3 @@ def check_same_grid(base: gym.Env, train_env: gym.Env) -> None:
         raise ValueError("train_env has another action grid than the env the policy acts in")
     if not train.teacher_forced:
         raise ValueError("train_env must be cached (its measurements are lookups)")
-
-
-BUDGET_BASELINES: dict[str, Any] = {
-    "best_uniform": BestUniformPolicy,
-    "static_allocation": StaticAllocationPolicy,
-    "lagrangian_greedy": LagrangianGreedyPolicy,
-}
-"""Name -> class of the budget baselines built from (env, train_env)."""

@@ -29,27 +29,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import gymnasium as gym
-import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
 import drrl_env
-from agents.baselines import GreedyOraclePolicy, SchedulePolicy, make_baseline
-from agents.budget_baselines import BUDGET_BASELINES as BUDGET_BASELINES_BY_NAME
-from agents.budget_baselines import LagrangianGreedyPolicy, dp_schedule
+from agents.baseline_registry import Baseline, BaselineContext
 from agents.callbacks import RankMetricsCallback
 from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import (
     COLUMNS,
-    actor,
     evaluate_policy_on_windows,
     full_attention_flops,
     write_csv,
 )
 from agents.factory import ALGOS, POLICIES, make_agent, save_agent
-from drrl_env.episodes import play_episode
 from drrl_env.inspect import env_config
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
@@ -317,9 +312,11 @@ def run_trial(trial: Trial, args: Args) -> dict[str, Any]:
 
 CURVE_POINTS = 10
 """Evaluations of a trial's learning curve besides the one at the start."""
-CURVE_BASELINES = ("full_rank", "greedy_oracle")
+CURVE_BASELINES = (Baseline.of("full_rank"), Baseline.of("greedy_oracle"))
 """Baselines drawn next to the learning curves of an unbudgeted env."""
-BUDGET_CURVE_BASELINES = ("static_allocation", "lagrangian_greedy", "dp_optimum")
+BUDGET_CURVE_BASELINES = tuple(
+    Baseline.of(name) for name in ("static_allocation", "lagrangian_greedy", "dp_optimum")
+)
 """Baselines drawn next to the learning curves of a budgeted env."""
 
 
@@ -331,8 +328,8 @@ def learning_curve(args: Args, method: str) -> LearningCurveCallback:
     env = cached_env(args, method, "eval")
     windows = list(range(env.unwrapped.n_windows))
     has_budget = env.unwrapped.config.budget is not None
-    names = BUDGET_CURVE_BASELINES if has_budget else CURVE_BASELINES
-    baselines = {name: baseline_policy(name, env, args, method, windows) for name in names}
+    refs = BUDGET_CURVE_BASELINES if has_budget else CURVE_BASELINES
+    baselines = {ref.label: baseline_policy(ref, env, args, method, windows) for ref in refs}
     every = max(args.total_timesteps // CURVE_POINTS, 1)
     return LearningCurveCallback(env, windows, every, baselines=baselines)
 
@@ -383,13 +380,16 @@ def rank_grids(args: Args) -> dict[str, tuple[int, ...]]:
     return grids
 
 
-BUDGET_BASELINES = (
-    "full_rank",
-    "best_uniform",
-    "static_allocation",
-    "lagrangian_greedy",
-    "dp_optimum",
-    "uniform_random",
+BUDGET_BASELINES = tuple(
+    Baseline.of(name)
+    for name in (
+        "full_rank",
+        "best_uniform",
+        "static_allocation",
+        "lagrangian_greedy",
+        "dp_optimum",
+        "uniform_random",
+    )
 )
 """Baselines of a budgeted run (``full_rank`` asks for exact attention; the wall decides)."""
 
@@ -401,8 +401,8 @@ def budgeted(args: Args, method: str) -> bool:
     )
 
 
-def baseline_names(args: Args, grid: tuple[int, ...], method: str | None = None) -> list[str]:
-    """The baselines of one method, in table order."""
+def baseline_refs(args: Args, grid: tuple[int, ...], method: str | None = None) -> list[Baseline]:
+    """The baselines of one method, in table order (registered names with parameters)."""
     if method is not None and budgeted(args, method):
         return list(BUDGET_BASELINES)
     return _unbudgeted_baselines(args.static_ranks, args.energy_taus, grid)
@@ -410,14 +410,14 @@ def baseline_names(args: Args, grid: tuple[int, ...], method: str | None = None)
 
 def _unbudgeted_baselines(
     static_ranks: Sequence[int] | None, energy_taus: Sequence[float], grid: Sequence[int]
-) -> list[str]:
+) -> list[Baseline]:
     ranks = grid[:-1] if static_ranks is None else static_ranks
     return [
-        "full_rank",
-        *(f"static_{int(rank)}" for rank in ranks),
-        *(f"energy_{float(tau):g}" for tau in energy_taus),
-        "uniform_random",
-        "greedy_oracle",
+        Baseline.of("full_rank"),
+        *(Baseline.of("static_rank", rank=int(rank)) for rank in ranks),
+        *(Baseline.of("energy_threshold", tau=float(tau)) for tau in energy_taus),
+        Baseline.of("uniform_random", seed=0),
+        Baseline.of("greedy_oracle"),
     ]
 
 
@@ -448,14 +448,14 @@ def planned_keys(
             for spec in recorded["agents"]
             for seed in recorded["seeds"]
         }
-        names = (
+        refs = (
             BUDGET_BASELINES
             if budgeted
             else _unbudgeted_baselines(recorded["static_ranks"], recorded["energy_taus"], grid)
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"the run's arguments are malformed: {error}") from None
-    return keys | {("baseline", name, 0) for name in names}
+    return keys | {("baseline", ref.label, 0) for ref in refs}
 
 
 def cached_env(args: Args, method: str, split: str) -> gym.Env:
@@ -464,40 +464,20 @@ def cached_env(args: Args, method: str, split: str) -> gym.Env:
     return gym.make(args.env_id, split=split, max_windows=windows, **args.env_kwargs(method))
 
 
-def baseline_policy(name: str, live: gym.Env, args: Args, method: str, windows: list[int]):
-    """Build the baseline ``name`` (see :func:`baseline_names`) for the live eval env.
+def baseline_policy(ref: Baseline, env: gym.Env, args: Args, method: str, windows: list[int]):
+    """Build the baseline ``ref`` for the env it acts in (the live eval env, or a cached one).
 
-    Baselines that look up every action (the greedy oracle, the Lagrangian greedy, the
-    optimum) pick their schedules on the cached eval windows; the live env replays them.
+    Baselines fitted on measurements read the cached train windows; those that look up every
+    action (the greedy oracle, the Lagrangian greedy, the optimum) pick their schedules on
+    the cached eval windows and ``env`` replays them.
     """
-    if name in ("best_uniform", "static_allocation"):
-        return BUDGET_BASELINES_BY_NAME[name](live, cached_env(args, method, "train"))
-    if name.startswith("static_"):
-        return make_baseline("static_rank", live, rank=int(name.removeprefix("static_")))
-    if name.startswith("energy_"):
-        return make_baseline("energy_threshold", live, tau=float(name.removeprefix("energy_")))
-    if name == "uniform_random":
-        return make_baseline("uniform_random", live, seed=0)
-    if name == "greedy_oracle":
-        schedules = lookup_schedules(GreedyOraclePolicy, args, method, windows)
-        return SchedulePolicy(live, schedules, name)
-    if name == "lagrangian_greedy":
-        train = cached_env(args, method, "train")
-        schedules = lookup_schedules(
-            lambda env: LagrangianGreedyPolicy(env, train), args, method, windows
-        )
-        return SchedulePolicy(live, schedules, name)
-    if name == "dp_optimum":
-        held_out = cached_env(args, method, "eval")
-        return SchedulePolicy(live, {w: dp_schedule(held_out, w) for w in windows}, name)
-    return make_baseline(name, live)
-
-
-def lookup_schedules(build, args: Args, method: str, windows: list[int]) -> dict[int, np.ndarray]:
-    """The actions a lookup policy (``build(env)``) takes on the cached eval windows."""
-    env = cached_env(args, method, "eval")
-    policy = build(env)
-    return {window: play_episode(env, actor(policy), window).actions for window in windows}
+    context = BaselineContext(
+        env,
+        train=lambda: cached_env(args, method, "train"),
+        held_out=lambda: cached_env(args, method, "eval"),
+        windows=windows,
+    )
+    return ref.build(context)
 
 
 @dataclass(frozen=True)
@@ -509,6 +489,7 @@ class Entry:
     policy: str
     seed: int = 0
     trial: Trial | None = None
+    baseline: Baseline | None = None
 
     @property
     def key(self) -> dict[str, Any]:
@@ -532,8 +513,8 @@ def plan(args: Args, grids: dict[str, tuple[int, ...]]) -> list[Entry]:
             for seed in args.seeds:
                 trial = Trial(method, spec, seed)
                 entries.append(Entry(method, "rl", trial.policy, seed, trial))
-        names = baseline_names(args, grids[method], method)
-        entries += [Entry(method, "baseline", name) for name in names]
+        refs = baseline_refs(args, grids[method], method)
+        entries += [Entry(method, "baseline", ref.label, baseline=ref) for ref in refs]
     return entries
 
 
@@ -590,8 +571,8 @@ def run(args: Args, folder: RunFolder, entries: list[Entry]) -> Path:
     with Progress(console=console) as progress:
         run_trials(args, [e.trial for e in todo if e.trial is not None], log, run_dir, progress)
         for method, live in lives.items():
-            names = [e.policy for e in todo if e.method == method and e.trial is None]
-            run_baselines(args, method, live, names, log, run_dir, progress)
+            refs = [e.baseline for e in todo if e.method == method and e.trial is None]
+            run_baselines(args, method, live, refs, log, run_dir, progress)
     for live in lives.values():
         live.close()
     per_window = log.sorted_by([entry.key for entry in entries])
@@ -636,22 +617,22 @@ def run_baselines(
     args: Args,
     method: str,
     live: gym.Env,
-    names: list[str],
+    refs: list[Baseline],
     log: RowLog,
     run_dir: Path,
     progress: Progress,
 ) -> None:
-    """Evaluate the baselines ``names`` of ``method``; write each one as it finishes."""
-    if not names:
+    """Evaluate the baselines ``refs`` of ``method``; write each one as it finishes."""
+    if not refs:
         return
     windows = list(range(live.unwrapped.n_windows))
     flops = full_attention_flops(live)
-    bar = progress.add_task(f"{method}: baselines", total=len(names))
-    for name in names:
-        policy = baseline_policy(name, live, args, method, windows)
-        frame = evaluate_policy_on_windows(policy, live, windows, name=name)
+    bar = progress.add_task(f"{method}: baselines", total=len(refs))
+    for ref in refs:
+        policy = baseline_policy(ref, live, args, method, windows)
+        frame = evaluate_policy_on_windows(policy, live, windows, name=ref.label)
         rows = frame.assign(seed=0, kind="baseline", method=method, attention_flops_full=flops)
-        write_leaderboard(run_dir, rows, name)
+        write_leaderboard(run_dir, rows, ref.label)
         log.append(rows)
         progress.advance(bar)
 

@@ -142,3 +142,59 @@ def test_bad_baseline_input(env, tmp_path_factory):
     env.reset(options={"window": 0})
     with pytest.raises(ValueError, match="one observation at a time"):
         GreedyOraclePolicy(env).predict(np.zeros((2, 35), np.float32))
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def test_a_toy_baseline_is_one_builder_plus_one_registration(env, monkeypatch):
+    from agents import baseline_registry
+    from agents.compare import Args, baseline_policy
+    from agents.evaluation import evaluate_policy_on_windows
+
+    monkeypatch.setattr(baseline_registry, "BASELINES", dict(baseline_registry.BASELINES))
+
+    class EveryOther(StaticRankPolicy):
+        """Alternates the two lowest ranks: a policy no other baseline plays."""
+
+        def __init__(self, env, phase=0):
+            super().__init__(env, env.unwrapped.ranks[0])
+            self.phase = phase
+
+        def choose(self, observation):
+            return (self.phase + env.unwrapped.step_index) % 2
+
+    baseline_registry.register_baseline(
+        "every_other",
+        lambda context, phase=0: EveryOther(context.env, phase),
+        label=lambda phase=0: f"every_other_{phase}",
+    )
+    ref = baseline_registry.Baseline.of("every_other", phase=1)
+    assert ref.label == "every_other_1"
+    policy = baseline_policy(ref, env, Args(), "calibrated", [0, 1])
+    frame = evaluate_policy_on_windows(policy, env, [0, 1], name=ref.label)
+    actions = np.asarray(frame["requested_actions"].map(eval).tolist()).reshape(2, -1)
+    np.testing.assert_array_equal(actions, np.tile([1, 0], (2, actions.shape[1] // 2)))
+    assert set(frame["policy"]) == {"every_other_1"}
+    with pytest.raises(ValueError, match="already registered"):
+        baseline_registry.register_baseline("every_other", lambda context: None)
+    with pytest.raises(ValueError, match="must be an identifier"):
+        baseline_registry.register_baseline("every other", lambda context: None)
+
+
+def test_registry_labels_and_refusals(env, tmp_path_factory):
+    from agents.baseline_registry import Baseline, BaselineContext
+
+    assert Baseline.of("static_rank", rank=16).label == "static_16"
+    assert Baseline.of("energy_threshold", tau=0.95).label == "energy_0.95"
+    assert Baseline.of("full_rank").label == "full_rank"
+    with pytest.raises(ValueError, match="unknown baseline 'static_16'; registered: full_rank"):
+        Baseline.of("static_16")  # labels are not parsed back
+    with pytest.raises(ValueError, match="needs a budgeted env"):
+        Baseline.of("static_allocation").build(BaselineContext(env))
+    cache_root = str(tmp_path_factory.getbasetemp() / "agents-cache")
+    budget = gym.make("DRRL-Tiny-Budget-v0", cache_dir=cache_root, max_windows=2)
+    with pytest.raises(ValueError, match="fitted on cached train windows: pass train="):
+        Baseline.of("static_allocation").build(BaselineContext(budget))
+    policy = make_baseline("static_allocation", budget, train=budget)
+    assert policy.name == "static_allocation" and policy.allocation.shape == (4,)
