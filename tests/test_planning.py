@@ -157,3 +157,79 @@ def test_imitation_refuses_an_unbudgeted_env_and_bad_settings(cache_root, budget
         make_agent("dagger", budget_env, rounds=0)
     with pytest.raises(ValueError, match="imitation_epochs must be an int >= 1"):
         make_agent("bc", budget_env, imitation_epochs=0)
+
+
+# -- experiments/planning.py -------------------------------------------------------------
+
+
+def _planning():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "planning_script" in sys.modules:
+        return sys.modules["planning_script"]
+    path = Path(__file__).resolve().parents[1] / "experiments" / "planning.py"
+    spec = importlib.util.spec_from_file_location("planning_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, monkeypatch):
+    import pandas as pd
+
+    from harness.statistics import iqm
+
+    monkeypatch.setenv("DRRL_CACHE_DIR", cache_root)
+    planning = _planning()
+    args = planning.Args(
+        env_id="DRRL-Tiny-TopP-Budget-v0",
+        budgets=(0.6,),
+        seeds=2,
+        train_windows=3,
+        eval_windows=3,
+        total_timesteps=96,
+        out_dir=str(tmp_path),
+        threads=1,
+        device="cpu",
+    )
+    folder = planning.main(args)
+    rows = pd.read_csv(folder / "episodes.csv")
+    assert rows.groupby("policy")["window"].nunique().eq(3).all()
+    assert set(rows["policy"]) == {"static_layer", "static_cell", "per_window_optimum", "dagger"}
+    assert sorted(rows.loc[rows["policy"] == "dagger", "seed"].unique()) == [0, 1]
+    assert (rows["flops_ratio"] <= 0.6 + 1e-9).all()  # every policy under the same wall
+    assert (rows["mean_kl"] >= 0).all() and rows["top1_agreement"].between(0, 1).all()
+    assert len(list((folder / "models").glob("dagger__0.6__*.zip"))) == 2
+    table = pd.read_csv(folder / "frontier.csv").set_index("policy")
+    assert np.isnan(table.loc["static_layer", "kl_vs_static_mean"])
+    dagger = rows[rows["policy"] == "dagger"]
+    dagger = dagger.pivot(index="seed", columns="window", values="mean_kl")
+    assert table.loc["dagger", "mean_kl_mean"] == pytest.approx(iqm(dagger.to_numpy()))
+    static = rows[rows["policy"] == "static_layer"].set_index("window")["mean_kl"]
+    paired = (dagger.mean(axis=0) - static).mean()
+    assert table.loc["dagger", "kl_vs_static_mean"] == pytest.approx(paired)
+    assert set(table["verdict"].dropna()) <= {"lower KL", "higher KL", "no difference"}
+    assert (folder / "frontier.md").read_text().count("\n") == len(table) + 2
+    assert (folder / "frontier.png").stat().st_size > 0
+    before = rows.copy()
+    planning.main(planning.Args(**{**args.__dict__, "resume": True}))
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"env_id": "DRRL-Tiny-TopP-v0"}, "is not a budgeted cached id"),
+        ({"agents": ("dqn",)}, "is not a masked learner"),
+        ({"seeds": 0}, "seeds must be >= 1"),
+        ({"budgets": (0.6, 0.6)}, "budgets must not repeat"),
+        ({"agents": ("static_layer",)}, "is not a masked learner"),
+    ],
+)
+def test_planning_script_refuses_bad_arguments(kwargs, message):
+    planning = _planning()
+    with pytest.raises(ValueError, match=message):
+        planning.Args(**{"env_id": "DRRL-Tiny-TopP-Budget-v0", "device": "cpu", **kwargs})

@@ -1,0 +1,339 @@
+"""Learners that plan under a budget against the static allocation, on held-out windows.
+
+For each budget, on a budgeted cached id (default ``DRRL-Mix-TopP-Budget-v0``: ``topp`` at
+1024 tokens, prose, code and passkey windows in turn):
+
+- ``static_layer``: the best per-layer allocation, an exact knapsack over layers of the
+  mean cached fidelity (cosine) and realised FLOPs of the train windows
+  (:func:`agents.allocations.static_per_layer`), the reference of every paired difference;
+- ``static_cell``: the best constant schedule of every (segment, layer) cell, the same
+  knapsack over cells (what a one-shot policy that ignores its input can do at best);
+- the learned agents (``--agents``, names of :func:`agents.make_agent`, e.g. ``dagger`` and
+  ``bc``, which imitate the per-window optimum of the train windows; ``maskable_ppo`` with
+  ``--damage-scale`` and ``--reward-at-end`` for reinforcement learning), each with
+  ``--seeds`` seeds, trained on the cached train windows;
+- ``per_window_optimum``: the knapsack of the eval window's own cached values and realised
+  costs (not deployable: the ceiling of adaptivity).
+
+Every policy is played on the live backend, closed loop, under the same budget wall, on the
+same held-out windows, and measured against the exact model on the same window: mean token
+KL, top-1 agreement, change of perplexity, retrieval (passkey windows), realised FLOPs, and
+the actions the wall replaced. The table gives each policy's mean with a 95 % bootstrap
+interval over windows (for learned agents, the IQM over seeds with a stratified bootstrap
+interval, as ``rliable`` computes it) and the paired difference of KL against
+``static_layer`` (for learned agents, of the seeds' mean KL per window): an interval that
+contains 0 reads "no difference".
+
+Writes ``models/`` (each trained agent), ``episodes.csv`` (one row per live episode,
+appended as each finishes: ``--resume`` continues), ``frontier.csv``, ``frontier.md`` and
+``frontier.png`` under ``<out_dir>/<run_name>``.
+
+    python experiments/planning.py                                   # 0.6 and 0.45, 5 seeds
+    python experiments/planning.py --budgets 0.6 --seeds 2 --eval-windows 6
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import torch
+import tyro
+from tqdm import tqdm
+
+import drrl_env
+from agents import load_agent, make_agent, save_agent
+from agents.allocations import Problem, per_window_optimum, static_per_layer
+from agents.budget_baselines import fidelity_values
+from agents.evaluation import actor
+from drrl_env.episodes import play_episode
+from harness.reporting import markdown_from_frame
+from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from harness.statistics import iqm_interval, mean_interval, paired_difference
+
+REFERENCE = "static_layer"
+TABLES = ("static_layer", "static_cell", "per_window_optimum")
+KEY = ("budget", "policy", "seed", "window")
+METRICS = (
+    "mean_kl",
+    "top1_agreement",
+    "delta_ppl_pct",
+    "retrieval_correct",
+    "flops_ratio",
+    "masked_actions",
+)
+COLUMNS_MD = (
+    ("budget", "budget", "{:g}"),
+    ("policy", "policy", "{}"),
+    ("seeds", "seeds", "{}"),
+    ("mean token KL", "mean_kl", "{}"),
+    ("KL − static_layer", "kl_vs_static", "{}"),
+    ("verdict", "verdict", "{}"),
+    ("top-1 agreement", "top1_agreement", "{}"),
+    ("Δ ppl %", "delta_ppl_pct", "{}"),
+    ("retrieval", "retrieval_correct", "{}"),
+    ("FLOPs / exact (live)", "flops_ratio", "{}"),
+    ("replaced actions", "masked_actions", "{}"),
+    ("windows", "windows", "{}"),
+)
+
+
+@dataclass(frozen=True)
+class Args:
+    """Learned planners, the static allocation and the per-window optimum under a budget."""
+
+    env_id: str = "DRRL-Mix-TopP-Budget-v0"
+    """A registered cached id with a budget."""
+    budgets: tuple[float, ...] = (0.6, 0.45)
+    """FLOPs budgets, fractions of exact attention's, each in (0, 1]."""
+    agents: tuple[str, ...] = ("dagger",)
+    """Learners (names of ``agents.make_agent``) trained with every seed."""
+    seeds: int = 5
+    """Seeds per learner."""
+    train_windows: int = 12
+    """Cached train windows the static allocations and the learners are fitted on."""
+    eval_windows: int = 24
+    """Held-out windows every policy is played on, live."""
+    total_timesteps: int | None = None
+    """Training steps of each learner; default 4 passes over the train windows."""
+    damage_scale: float | None = None
+    """Reward in damage units for the learners' env (``drrl_env.rewards.DAMAGE_SCALE``:
+    10); the imitators ignore the reward."""
+    reward_at_end: bool = False
+    """Pay the learners' env's return at the episode's end only."""
+    out_dir: str = "results"
+    """Parent folder of the run folder."""
+    run_name: str = "planning"
+    """Run folder inside out_dir."""
+    overwrite: bool = False
+    """Start again in an existing run folder."""
+    resume: bool = False
+    """Keep the trained agents and finished episodes and do the rest."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device of the language model (the agents' small networks stay on the CPU)."""
+    threads: int = 2
+    """Torch threads."""
+
+    def __post_init__(self) -> None:
+        kwargs = drrl_env.ENV_IDS.get(self.env_id)
+        if kwargs is None:
+            raise ArgumentError(
+                f"env_id: {self.env_id!r} is not registered; registered: "
+                f"{', '.join(drrl_env.ENV_IDS)}"
+            )
+        if kwargs.get("backend", "cached") != "cached" or kwargs.get("budget") is None:
+            raise ArgumentError(f"env_id: {self.env_id!r} is not a budgeted cached id")
+        for name in ("train_windows", "eval_windows", "seeds", "threads"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_timesteps is not None and self.total_timesteps < 1:
+            raise ArgumentError(f"total_timesteps must be >= 1, got {self.total_timesteps}")
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise ArgumentError(f"budgets must be in (0, 1], got {self.budgets}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ArgumentError("budgets must not repeat")
+        from agents.factory import ALGOS
+
+        for agent in self.agents:
+            if agent not in ALGOS or agent == "dqn":
+                raise ArgumentError(
+                    f"agents: {agent!r} is not a masked learner; one of "
+                    f"{', '.join(a for a in ALGOS if a != 'dqn')}"
+                )
+        if len(set(self.agents)) != len(self.agents) or set(self.agents) & set(TABLES):
+            raise ArgumentError(f"agents must not repeat nor be one of {TABLES}")
+        check_device(self.device)
+
+    def env_kwargs(self, split: str, budget: float, backend: str = "cached") -> dict:
+        windows = self.train_windows if split == "train" else self.eval_windows
+        return {
+            "split": split,
+            "max_windows": windows,
+            "budget": budget,
+            "backend": backend,
+            "device": self.device,
+            "damage_scale": self.damage_scale,
+            "reward_at_end": self.reward_at_end,
+        }
+
+
+def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """(values, costs), each (W, S, L, A): the cached fidelity term and the realised FLOPs
+    per cell as a fraction of an episode's exact attention FLOPs."""
+    base = env.unwrapped
+    values = fidelity_values(base)
+    if base.costs.static:
+        costs = np.broadcast_to(base.costs.executed[None, :, None, :], values.shape)
+    else:
+        costs = base.rollout("flops")
+    return values, np.asarray(costs, dtype=np.float64) / base.episode_full_flops
+
+
+def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:
+    """The schedules: ``{policy: {window: (S, L) actions}}`` for every eval window."""
+    values, costs = measurements(train)
+    eval_values, eval_costs = measurements(evaluation)
+    problem = Problem(values, costs, budget)
+    layer = static_per_layer(problem)
+    cell = per_window_optimum(values.mean(axis=0), costs.mean(axis=0), budget)
+    windows = range(len(eval_values))
+    return {
+        "static_layer": {w: layer for w in windows},
+        "static_cell": {w: cell for w in windows},
+        "per_window_optimum": {
+            w: per_window_optimum(eval_values[w], eval_costs[w], budget) for w in windows
+        },
+    }
+
+
+def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float):
+    """The agent ``algo`` of ``seed`` at ``budget``: loaded if saved, else trained and saved."""
+    train = gym.make(args.env_id, **args.env_kwargs("train", budget))
+    path = folder / "models" / f"{algo}__{budget:g}__{seed}.zip"
+    if path.exists():
+        return load_agent(path, env=train)
+    steps = args.total_timesteps or 4 * args.train_windows * train.unwrapped.steps
+    model = make_agent(algo, train, seed=seed)
+    model.learn(steps)
+    save_agent(model, path)
+    return model
+
+
+def episode_row(trace) -> dict:
+    summary = trace.summary
+    return {
+        "mean_kl": summary["mean_kl"],
+        "top1_agreement": summary["top1_agreement"],
+        "delta_ppl_pct": 100 * (summary["perplexity"] / summary["perplexity_full"] - 1),
+        "retrieval_correct": summary.get("retrieval_correct", math.nan),
+        "flops_ratio": summary["flops_ratio"],
+        "masked_actions": summary["masked_actions"],
+        "window_kind": summary.get("window_kind", ""),
+        "actions": json.dumps(summary["actions"]),
+    }
+
+
+def frontier(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (budget, policy): metric means with intervals and KL paired against the static
+    allocation (learned agents: IQM over seeds, seeds averaged per window for the pair)."""
+    table = []
+    for budget, group in rows.groupby("budget", sort=False):
+        reference = group[group["policy"] == REFERENCE].set_index("window")["mean_kl"]
+        for policy, part in group.groupby("policy", sort=False):
+            seeds = part["seed"].nunique()
+            per_window = part.groupby("window").mean(numeric_only=True).sort_index()
+            row = {"budget": budget, "policy": policy, "seeds": seeds, "windows": len(per_window)}
+            for metric in METRICS:
+                values = per_window[metric].dropna()
+                scientific = metric == "mean_kl"
+                if not len(values):
+                    row[metric] = math.nan
+                    continue
+                if seeds > 1 and metric == "mean_kl":
+                    matrix = part.pivot(index="seed", columns="window", values=metric)
+                    interval = iqm_interval(matrix.to_numpy())
+                else:
+                    interval = mean_interval(values)
+                row[metric] = interval.format(scientific=scientific)
+                row[f"{metric}_mean"] = interval.estimate
+            shared = per_window.index.intersection(reference.index)
+            if policy != REFERENCE and len(shared):
+                diff = paired_difference(per_window.loc[shared, "mean_kl"], reference.loc[shared])
+                row["kl_vs_static"] = diff.format(scientific=True)
+                row["kl_vs_static_mean"] = diff.estimate
+                row["kl_vs_static_low"], row["kl_vs_static_high"] = diff.low, diff.high
+                row["verdict"] = diff.verdict("lower KL", "higher KL")
+            table.append(row)
+    return pd.DataFrame(table)
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path:
+    """KL paired against the static allocation with its interval, per budget and policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(dict.fromkeys(table["budget"]))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.5), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        part = table[(table["budget"] == budget) & table["kl_vs_static_mean"].notna()]
+        y = np.arange(len(part))
+        centre = part["kl_vs_static_mean"].to_numpy()
+        error = np.vstack(
+            [centre - part["kl_vs_static_low"].to_numpy(), part["kl_vs_static_high"] - centre]
+        )
+        ax.errorbar(centre, y, xerr=np.abs(error), fmt="o", capsize=3)
+        ax.axvline(0.0, color="grey", lw=1, ls="--")
+        ax.set_yticks(y, part["policy"])
+        ax.set(xlabel="mean token KL − static_layer (95 % CI)", title=f"budget {budget:g}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> Path:
+    """Fit and train on train windows, play everything live on eval windows, write tables."""
+    folder = RunFolder(
+        Path(args.out_dir) / args.run_name,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        ignored=("out_dir", "run_name", "overwrite", "resume", "threads", "device"),
+    )
+    folder.check(asdict(args))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    folder.prepare(asdict(args), torch=torch.__version__)
+    log = RowLog(folder.path / "episodes.csv", KEY)
+    done = log.keys()
+    for budget in args.budgets:
+        train = gym.make(args.env_id, **args.env_kwargs("train", budget))
+        evaluation = gym.make(args.env_id, **args.env_kwargs("eval", budget))
+        live = gym.make(args.env_id, **args.env_kwargs("eval", budget, "live"))
+        plans: list[tuple[str, int, object]] = []  # (policy, seed, chooser or tables)
+        for policy, tables in fitted_tables(train, evaluation, budget).items():
+            plans.append((policy, 0, tables))
+        for algo in args.agents:
+            for seed in range(args.seeds):
+                plans.append((algo, seed, (algo, seed)))
+        windows = range(live.unwrapped.n_windows)
+        todo = [
+            (policy, seed, how, window)
+            for policy, seed, how in plans
+            for window in windows
+            if log.key_of({"budget": budget, "policy": policy, "seed": seed, "window": window})
+            not in done
+        ]
+        models = {
+            how: trained_agent(args, folder.path, *how, budget)
+            for _, _, how, _ in todo
+            if isinstance(how, tuple)
+        }
+        todo.sort(key=lambda item: item[3])  # window by window: its exact reference runs once
+        for policy, seed, how, window in tqdm(todo, desc=f"budget {budget:g}", unit="ep"):
+            choose = how[window] if isinstance(how, dict) else actor(models[how])
+            trace = play_episode(live, choose, window)
+            row = {"budget": budget, "policy": policy, "seed": seed, "window": window}
+            log.append(pd.DataFrame([{**row, **episode_row(trace)}]))
+        live.close()
+    rows = log.read()
+    table = frontier(rows)
+    table.to_csv(folder.path / "frontier.csv", index=False)
+    written = pd.read_csv(folder.path / "frontier.csv")
+    (folder.path / "frontier.md").write_text(markdown_from_frame(written, COLUMNS_MD))
+    plot(written, folder.path / "frontier.png")
+    folder.update_config(wall_s=time.perf_counter() - started, episodes=len(rows))
+    print((folder.path / "frontier.md").read_text())
+    return folder.path
+
+
+if __name__ == "__main__":
+    run_main(main, tyro.cli(Args))
