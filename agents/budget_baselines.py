@@ -57,8 +57,7 @@ def fidelity_values(env: gym.Env) -> np.ndarray:
     if not base.teacher_forced:
         raise ValueError("fidelity values are cached lookups: build it with backend='cached'")
     term = base.reward_function.fidelity
-    raw = rollout_array(base, term.raw).astype(np.float64)
-    return raw if term.raw == "cosine" else 1.0 - base.steps * raw
+    return term.value(rollout_array(base, term.raw), base.steps)
 
 
 def knapsack(values: np.ndarray, costs: np.ndarray, cap: float, bins: int = COST_BINS):

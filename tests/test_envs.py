@@ -178,6 +178,38 @@ def test_bad_reward_options(kwargs, match):
         EnvConfig(**{**TINY, **kwargs})
 
 
+def test_a_toy_fidelity_term_is_one_object_plus_one_registration(cache_root, monkeypatch):
+    from drrl_env import rewards
+    from drrl_env.rewards import terms
+
+    monkeypatch.setattr(terms, "FIDELITY_TERMS", dict(terms.FIDELITY_TERMS))
+    monkeypatch.setattr(rewards, "FIDELITY_TERMS", terms.FIDELITY_TERMS)
+    monkeypatch.setattr("drrl_env.envs.config.FIDELITY_TERMS", terms.FIDELITY_TERMS)
+    squared = terms.RewardTerm(
+        "cosine-squared", 0.0, 1.0, "the cosine squared", "cosine", lambda raw, steps: raw**2
+    )
+    rewards.register_fidelity_term(squared)
+    env = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, fidelity="cosine-squared")
+    weights = env.unwrapped.config.weights
+    env.reset(options={"window": 1})
+    for action in [0, 3, 5, 7] * 4:
+        candidates = env.unwrapped.candidate_values()
+        cosines = env.unwrapped.backend.candidates(*divmod(env.unwrapped.step_index, 4))
+        np.testing.assert_allclose(candidates["fidelity"], np.asarray(cosines["cosine"]) ** 2)
+        _, reward, _, _, info = env.step(action)
+        assert info["fidelity"] == pytest.approx(info["raw_cosine"] ** 2, abs=1e-12)
+        expected = (
+            weights.alpha * info["raw_cosine"] ** 2
+            - weights.beta * info["flops_ratio"]
+            - weights.gamma * info["perturbation"]
+        )
+        assert reward == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="already registered"):
+        rewards.register_fidelity_term(squared)
+    with pytest.raises(ValueError, match="raw measurements: cosine, dnll_taylor"):
+        rewards.register_fidelity_term(terms.RewardTerm("kl", 0.0, 1.0, "?", "kl"))
+
+
 def test_loss_fidelity_term_scales_the_estimated_loss_change(cache_root):
     env = gym.make("DRRL-Tiny-v0", cache_dir=cache_root, max_windows=4, fidelity="loss")
     for *_, info in rollout(env, [0, 3, 5, 7] * 4)[1:]:

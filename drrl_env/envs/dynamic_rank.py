@@ -397,7 +397,7 @@ class DynamicRankEnv(gym.Env):
         segment, layer = divmod(self._t, self.n_layers)
         raw = self.backend.candidates(segment, layer)
         term = self.reward_function.fidelity
-        fidelity = np.array([term.value(v, self.steps) for v in raw[term.raw]])
+        fidelity = term.value(np.asarray(raw[term.raw]), self.steps)
         if "flops" in raw:  # input-dependent costs: what each action realises here
             flops = np.asarray(raw["flops"]) / self.costs.full[segment]
         else:

@@ -35,8 +35,9 @@ from drrl_env.methods.base import (
     exact_attention,
     full_attention,
 )
+from drrl_env.rewards.terms import RAW_TERMS
 
-TERMS = ("cosine", "dnll_taylor", "dnll_fisher")
+TERMS = RAW_TERMS  # the raw measurements every reward term reads
 """Raw measurements a probe can take; the loss-aware ones need a :class:`LossGradient`."""
 
 

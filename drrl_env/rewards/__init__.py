@@ -27,6 +27,7 @@ from drrl_env.rewards.terms import (
     RAW_TERMS,
     RewardTerm,
     fidelity_term,
+    register_fidelity_term,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RewardTerm",
     "RewardWeights",
     "fidelity_term",
+    "register_fidelity_term",
 ]
 
 
