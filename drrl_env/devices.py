@@ -6,6 +6,13 @@ CUDA_WHEELS = "https://download.pytorch.org/whl/cu126"
 """A wheel index of CUDA builds of torch, named in the error for a missing CUDA."""
 
 
+def default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (imports torch when called)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str) -> str:
     """``device`` if torch can use it here, else ValueError saying why and what to do.
 

@@ -46,7 +46,6 @@ import torch
 import tyro
 from tqdm import tqdm
 
-import drrl_env
 from agents.allocations import (
     Problem,
     best_uniform,
@@ -59,7 +58,16 @@ from agents.allocations import (
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.replay import replay
 from harness.reporting import markdown_from_frame
-from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from harness.runs import (
+    ArgumentError,
+    RowLog,
+    RunArgs,
+    check_budgets,
+    check_device,
+    check_minimum,
+    registered_id,
+    run_main,
+)
 from harness.statistics import mean_interval, paired_difference
 
 POLICIES = (
@@ -89,7 +97,7 @@ COLUMNS_MD = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Deployable allocations against the per-window optimum, per kind of text and budget."""
 
     env_id: str = "DRRL-Mix-TopP-v0"
@@ -113,35 +121,17 @@ class Args:
     window, as a deployed allocation that does not know the input would be."""
     seed: int = 0
     """Seed of the random search."""
-    out_dir: str = "results"
-    """Parent folder of the run folder."""
     run_name: str = "adaptivity"
     """Run folder inside out_dir."""
-    overwrite: bool = False
-    """Start again in an existing run folder."""
-    resume: bool = False
-    """Keep the finished episodes and play the rest."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the model."""
-    threads: int = 2
-    """Torch threads."""
 
     def __post_init__(self) -> None:
-        kwargs = drrl_env.ENV_IDS.get(self.env_id)
-        if kwargs is None:
-            raise ArgumentError(
-                f"env_id: {self.env_id!r} is not registered; registered: "
-                f"{', '.join(drrl_env.ENV_IDS)}"
-            )
-        if kwargs.get("backend", "cached") != "cached":
-            raise ArgumentError(f"env_id: {self.env_id!r} is not a cached id")
-        for name in ("train_windows", "eval_windows", "evaluations", "threads", "rule_rank"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
-            raise ArgumentError(f"budgets must be in (0, 1], got {self.budgets}")
-        if len(set(self.budgets)) != len(self.budgets) or len(set(self.kinds)) != len(self.kinds):
-            raise ArgumentError("budgets and kinds must not repeat")
+        kwargs = registered_id(self.env_id, cached=True)
+        check_minimum(
+            self, ("train_windows", "eval_windows", "evaluations", "threads", "rule_rank")
+        )
+        check_budgets(self.budgets)
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ArgumentError("kinds must not repeat")
         mixed = kwargs.get("corpus") == "mix"
         allowed = (*MIX_KINDS, "mix") if mixed else (kwargs.get("corpus", "wikitext-2"),)
         for kind in self.kinds:
@@ -282,13 +272,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 
 def main(args: Args) -> Path:
     """Fit every schedule on train windows, play it live on eval windows, write the table."""
-    folder = RunFolder(
-        Path(args.out_dir) / args.run_name,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        ignored=("out_dir", "run_name", "overwrite", "resume", "threads", "device"),
-    )
-    folder.check(asdict(args))
+    folder = args.run_folder()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train = gym.make(args.env_id, **args.env_kwargs("train", args.train_windows))

@@ -47,14 +47,22 @@ import torch
 import tyro
 from tqdm import tqdm
 
-import drrl_env
 from agents import load_agent, make_agent, save_agent
 from agents.allocations import Problem, per_window_optimum, static_per_layer
 from agents.budget_baselines import fidelity_values
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
 from harness.reporting import markdown_from_frame
-from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from harness.runs import (
+    ArgumentError,
+    RowLog,
+    RunArgs,
+    check_budgets,
+    check_device,
+    check_minimum,
+    registered_id,
+    run_main,
+)
 from harness.statistics import iqm_interval, mean_interval, paired_difference
 
 REFERENCE = "static_layer"
@@ -85,7 +93,7 @@ COLUMNS_MD = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Learned planners, the static allocation and the per-window optimum under a budget."""
 
     env_id: str = "DRRL-Mix-TopP-Budget-v0"
@@ -107,37 +115,15 @@ class Args:
     10); the imitators ignore the reward."""
     reward_at_end: bool = False
     """Pay the learners' env's return at the episode's end only."""
-    out_dir: str = "results"
-    """Parent folder of the run folder."""
     run_name: str = "planning"
     """Run folder inside out_dir."""
-    overwrite: bool = False
-    """Start again in an existing run folder."""
-    resume: bool = False
-    """Keep the trained agents and finished episodes and do the rest."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the language model (the agents' small networks stay on the CPU)."""
-    threads: int = 2
-    """Torch threads."""
 
     def __post_init__(self) -> None:
-        kwargs = drrl_env.ENV_IDS.get(self.env_id)
-        if kwargs is None:
-            raise ArgumentError(
-                f"env_id: {self.env_id!r} is not registered; registered: "
-                f"{', '.join(drrl_env.ENV_IDS)}"
-            )
-        if kwargs.get("backend", "cached") != "cached" or kwargs.get("budget") is None:
-            raise ArgumentError(f"env_id: {self.env_id!r} is not a budgeted cached id")
-        for name in ("train_windows", "eval_windows", "seeds", "threads"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.total_timesteps is not None and self.total_timesteps < 1:
-            raise ArgumentError(f"total_timesteps must be >= 1, got {self.total_timesteps}")
-        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
-            raise ArgumentError(f"budgets must be in (0, 1], got {self.budgets}")
-        if len(set(self.budgets)) != len(self.budgets):
-            raise ArgumentError("budgets must not repeat")
+        registered_id(self.env_id, cached=True, budgeted=True)
+        check_minimum(self, ("train_windows", "eval_windows", "seeds", "threads"))
+        if self.total_timesteps is not None:
+            check_minimum(self, ("total_timesteps",))
+        check_budgets(self.budgets)
         from agents.factory import ALGOS
 
         for agent in self.agents:
@@ -282,13 +268,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 
 def main(args: Args) -> Path:
     """Fit and train on train windows, play everything live on eval windows, write tables."""
-    folder = RunFolder(
-        Path(args.out_dir) / args.run_name,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        ignored=("out_dir", "run_name", "overwrite", "resume", "threads", "device"),
-    )
-    folder.check(asdict(args))
+    folder = args.run_folder()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     folder.prepare(asdict(args), torch=torch.__version__)

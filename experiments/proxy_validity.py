@@ -35,7 +35,15 @@ from tqdm import tqdm
 import drrl_env  # noqa: F401 (registers the ids)
 from agents.proxy import PROXIES, cached_proxies, correlations, live_change, schedules
 from harness.reporting import markdown_from_frame
-from harness.runs import ArgumentError, RowLog, RunFolder, check_device, run_main
+from harness.runs import (
+    ArgumentError,
+    RowLog,
+    RunFolder,
+    check_device,
+    check_minimum,
+    registered_id,
+    run_main,
+)
 
 KEY = ("window", "schedule")
 COLUMNS_MD = (
@@ -83,17 +91,9 @@ class Args:
     """Torch threads."""
 
     def __post_init__(self) -> None:
-        if self.env_id not in drrl_env.ENV_IDS:
-            raise ArgumentError(
-                f"env_id: {self.env_id!r} is not registered; registered: "
-                f"{', '.join(drrl_env.ENV_IDS)}"
-            )
-        for name in ("eval_windows", "threads"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("random", "mixtures"):
-            if getattr(self, name) < 0:
-                raise ArgumentError(f"{name} must be >= 0, got {getattr(self, name)}")
+        registered_id(self.env_id)
+        check_minimum(self, ("eval_windows", "threads"))
+        check_minimum(self, ("random", "mixtures"), low=0)
         for tau in self.energy_taus:
             if not 0 < tau <= 1:
                 raise ArgumentError(f"energy_taus: {tau!r} is outside (0, 1]")

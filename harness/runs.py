@@ -30,12 +30,14 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 # The executors live in drrl_env (cache builds use them too); their names are kept here.
+from drrl_env.devices import default_device
 from drrl_env.executors import (  # noqa: F401
     EXECUTORS,
     RAY_INSTALL,
@@ -52,6 +54,82 @@ class ArgumentError(ValueError):
 
 
 # -- argument checks --------------------------------------------------------------------------
+
+
+RESULT_FREE = ("out_dir", "run_name", "overwrite", "resume", "threads", "device")
+"""The :class:`RunArgs` fields that change where and how fast a run goes, not its numbers."""
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """The arguments every script with a run folder shares; a script's ``Args`` extends it
+    (and may give ``run_name`` its own default)."""
+
+    out_dir: str = "results"
+    """Parent folder of the run folder."""
+    run_name: str = "run"
+    """Run folder inside out_dir."""
+    overwrite: bool = False
+    """Start again in an existing run folder."""
+    resume: bool = False
+    """Keep what the run finished and do the rest."""
+    device: str = field(default_factory=default_device)
+    """Torch device of the model (default: cuda when torch sees a GPU)."""
+    threads: int = 2
+    """Torch threads."""
+
+    def run_folder(self, ignored: Sequence[str] = RESULT_FREE) -> RunFolder:
+        """The run folder, checked against these arguments (``ignored`` fields may differ
+        on ``--resume``)."""
+        folder = RunFolder(
+            Path(self.out_dir) / self.run_name,
+            overwrite=self.overwrite,
+            resume=self.resume,
+            ignored=tuple(ignored),
+        )
+        folder.check(asdict(self))
+        return folder
+
+
+def registered_id(env_id: str, *, cached: bool = False, budgeted: bool = False) -> dict:
+    """The ``gym.make`` keywords of the registered id ``env_id``.
+
+    Args:
+        env_id: A name of ``drrl_env.ENV_IDS``.
+        cached: Require an id on the cached backend.
+        budgeted: Require an id with a FLOPs budget.
+
+    Raises:
+        ArgumentError: ``env_id`` is not registered (the message lists the ids) or lacks
+            what is required.
+    """
+    import drrl_env
+
+    kwargs = drrl_env.ENV_IDS.get(env_id)
+    if kwargs is None:
+        raise ArgumentError(
+            f"env_id: {env_id!r} is not registered; registered: {', '.join(drrl_env.ENV_IDS)}"
+        )
+    if cached and kwargs.get("backend", "cached") != "cached":
+        raise ArgumentError(f"env_id: {env_id!r} is not a cached id")
+    if budgeted and kwargs.get("budget") is None:
+        raise ArgumentError(f"env_id: {env_id!r} is not a budgeted id")
+    return kwargs
+
+
+def check_minimum(args: Any, names: Iterable[str], low: int = 1) -> None:
+    """ArgumentError naming the first of the fields ``names`` of ``args`` below ``low``."""
+    for name in names:
+        if getattr(args, name) < low:
+            raise ArgumentError(f"{name} must be >= {low}, got {getattr(args, name)}")
+
+
+def check_budgets(budgets: Sequence[float]) -> None:
+    """ArgumentError unless ``budgets`` is a non-empty set of fractions in (0, 1]."""
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise ArgumentError(f"budgets must be in (0, 1], got {tuple(budgets)}")
+    if len(set(budgets)) != len(budgets):
+        raise ArgumentError("budgets must not repeat")
 
 
 def check_run_name(name: str) -> str:

@@ -222,7 +222,8 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"env_id": "DRRL-Tiny-TopP-v0"}, "is not a budgeted cached id"),
+        ({"env_id": "DRRL-Tiny-TopP-v0"}, "is not a budgeted id"),
+        ({"env_id": "DRRL-Tiny-Live-v0"}, "is not a cached id"),
         ({"agents": ("dqn",)}, "is not a masked learner"),
         ({"seeds": 0}, "seeds must be >= 1"),
         ({"budgets": (0.6, 0.6)}, "budgets must not repeat"),
