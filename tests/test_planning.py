@@ -234,3 +234,22 @@ def test_planning_script_refuses_bad_arguments(kwargs, message):
     planning = _planning()
     with pytest.raises(ValueError, match=message):
         planning.Args(**{"env_id": "DRRL-Tiny-TopP-Budget-v0", "device": "cpu", **kwargs})
+
+
+def test_a_soft_budget_is_observed_but_not_enforced(cache_root):
+    soft = gym.make(
+        "DRRL-Tiny-TopP-Budget-v0", cache_dir=cache_root, max_windows=3, enforce_budget=False
+    )
+    hard = gym.make("DRRL-Tiny-TopP-Budget-v0", cache_dir=cache_root, max_windows=3)
+    exact = np.full((4, 4), len(soft.unwrapped.actions) - 1)
+    free, walled = play_episode(soft, exact, 0, record_steps=True), play_episode(hard, exact, 0)
+    assert all(step["mask"].all() and not step["action_masked"] for step in free.steps)
+    assert free.summary["flops_ratio"] > 0.5 >= walled.summary["flops_ratio"]
+    assert np.array_equal(free.actions, exact) and walled.summary["masked_actions"] > 0
+    assert soft.unwrapped.layout == hard.unwrapped.layout  # the same observation
+    observation, _ = soft.reset(options={"window": 1})
+    for _ in range(STEPS):
+        observation, *_ = soft.step(len(soft.unwrapped.actions) - 1)
+        assert soft.observation_space.contains(observation)
+    with pytest.raises(ValueError, match="enforce_budget=False needs a budget"):
+        gym.make("DRRL-Tiny-TopP-v0", cache_dir=cache_root, enforce_budget=False)

@@ -115,6 +115,9 @@ class EnvConfig:
     damage_scale: float | None = None
     """None: the paper's fidelity term; a number ``s``: the term in damage units,
     ``-s * (1 - fidelity)`` (``drrl_env.rewards.DAMAGE_SCALE`` is the measured default)."""
+    enforce_budget: bool = True
+    """With ``budget``: False observes the budget but lifts the action wall (a soft budget
+    that a learner prices itself; episodes may overspend)."""
     reward_at_end: bool = False
     """Pay the episode's summed reward at its last step only (0 before); ``info`` keeps
     each step's own reward as ``step_reward``."""
@@ -242,6 +245,10 @@ class EnvConfig:
                 )
         if not isinstance(self.reward_at_end, bool | np.bool_):
             raise ValueError(f"reward_at_end must be a bool, got {self.reward_at_end!r}")
+        if not isinstance(self.enforce_budget, bool | np.bool_):
+            raise ValueError(f"enforce_budget must be a bool, got {self.enforce_budget!r}")
+        if not self.enforce_budget and self.budget is None:
+            raise ValueError("enforce_budget=False needs a budget to observe (budget=b)")
         if self.budget is None:
             self.weights  # noqa: B018 (validates beta and gamma)
             return

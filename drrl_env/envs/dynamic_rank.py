@@ -104,6 +104,9 @@ class DynamicRankEnv(gym.Env):
     policies becomes of order 1 at ``s = drrl_env.rewards.DAMAGE_SCALE``), and
     ``reward_at_end=True`` pays the episode's summed reward at its last step and 0 before
     (``info["step_reward"]`` keeps each step's own).
+    ``enforce_budget=False`` keeps a budget's observation (budget left, steps left) but lifts
+    the wall: every action is allowed and the episode may overspend (a soft constraint, for
+    learners that price the budget themselves, e.g. ``lagrangian_ppo``).
 
     ## Starting State
 
@@ -139,6 +142,7 @@ class DynamicRankEnv(gym.Env):
     | alpha, beta, gamma | 1.0, 0.5, 0.1 | reward weights (beta, gamma unset with budget) |
     | budget | None | cap on executed attention FLOPs, fraction of exact |
     | damage_scale, reward_at_end | None, False | reward in damage units; paid at the end |
+    | enforce_budget | True | False: the budget is observed but not enforced (soft) |
     | max_perturbation | 0.5 | guardrail threshold of ``action_masks`` (unbudgeted) |
     | backend | ``cached`` | ``cached`` or ``live`` |
     | max_windows, device, cache_dir | 32, cpu, None | data size, torch device, cache root |
@@ -473,7 +477,9 @@ class DynamicRankEnv(gym.Env):
             self._observation, self._perturbations = self.builder.build(
                 state, view.spectrum, view.input_stats
             )
-        if self.wall is not None:
+        if self.wall is not None and not self.config.enforce_budget:
+            self._mask = np.ones(len(self.actions), dtype=bool)  # a soft budget: observed only
+        elif self.wall is not None:
             self._mask = self.wall.allowed(self._t, self._spent)
         else:
             self._mask = self._perturbations <= self.config.max_perturbation
