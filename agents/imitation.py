@@ -174,7 +174,9 @@ class _Imitation(MaskablePPO):
         **_: Any,
     ):
         """Gather ``total_timesteps`` expert-labelled steps in ``rounds`` rounds, fitting the
-        policy after each; callbacks see every env step as in PPO."""
+        policy after each; callbacks see every env step as in PPO. Episodes are played whole,
+        so a round may gather more than its share, and the last rounds then have none left
+        (they are skipped: a fit without new data would only train longer)."""
         if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int):
             raise ValueError(f"total_timesteps must be an int, got {total_timesteps!r}")
         env = self._demo_env()
@@ -192,6 +194,8 @@ class _Imitation(MaskablePPO):
         rng = np.random.default_rng(self.seed)
         order: list[int] = []  # every train window once per pass, in a seeded order
         for round_index in range(self.rounds):
+            if self.num_timesteps >= total_timesteps:
+                break  # whole episodes overran the earlier rounds' shares: nothing new to fit
             expert_rate = self._mixture(round_index)
             callback.on_rollout_start()
             gathered = 0

@@ -24,9 +24,11 @@ interval, as ``rliable`` computes it) and the paired difference of KL against
 ``static_layer`` (for learned agents, of the seeds' mean KL per window): an interval that
 contains 0 reads "no difference".
 
-Writes ``models/`` (each trained agent), ``episodes.csv`` (one row per live episode,
-appended as each finishes: ``--resume`` continues), ``frontier.csv``, ``frontier.md`` and
-``frontier.png`` under ``<out_dir>/<run_name>``.
+Writes ``models/`` (each trained agent), ``curves/`` and ``learning_curves.png`` (each
+agent's return on the cached eval windows while it trains, every eighth of its steps,
+beside the fitted schedules' returns on the same windows), ``episodes.csv`` (one row per
+live episode, appended as each finishes: ``--resume`` continues), ``frontier.csv``,
+``frontier.md`` and ``frontier.png`` under ``<out_dir>/<run_name>``.
 
     python experiments/planning.py                                   # 0.6 and 0.45, 5 seeds
     python experiments/planning.py --budgets 0.6 --seeds 2 --eval-windows 6
@@ -50,6 +52,7 @@ from tqdm import tqdm
 from agents import load_agent, make_agent, save_agent
 from agents.allocations import Problem, per_window_optimum, static_per_layer
 from agents.budget_baselines import fidelity_values
+from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
 from harness.reporting import markdown_from_frame
@@ -62,6 +65,7 @@ from harness.runs import (
     check_minimum,
     registered_id,
     run_main,
+    write_atomic,
 )
 from harness.statistics import iqm_interval, mean_interval, paired_difference
 
@@ -178,17 +182,47 @@ def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:
     }
 
 
-def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float):
-    """The agent ``algo`` of ``seed`` at ``budget``: loaded if saved, else trained and saved."""
+def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float, tables: dict):
+    """The agent ``algo`` of ``seed`` at ``budget``, and its learning curve.
+
+    Trains it (with a :class:`~agents.curves.LearningCurveCallback` on the cached eval
+    windows, beside the ``tables`` schedules) unless both its model and its curve are saved.
+    A model saved without its curve is trained again for the curve, and the two must be the
+    same network, parameter for parameter (training is seeded), or the run stops.
+    """
     train = gym.make(args.env_id, **args.env_kwargs("train", budget))
-    path = folder / "models" / f"{algo}__{budget:g}__{seed}.zip"
-    if path.exists():
-        return load_agent(path, env=train)
+    stem = f"{algo}__{budget:g}__{seed}"
+    path, curve_path = folder / "models" / f"{stem}.zip", folder / "curves" / f"{stem}.csv"
+    saved = load_agent(path, env=train) if path.exists() else None
+    if saved is not None and curve_path.exists():
+        return saved
     steps = args.total_timesteps or 4 * args.train_windows * train.unwrapped.steps
+    evaluation = gym.make(args.env_id, **args.env_kwargs("eval", budget))
+    windows = list(range(evaluation.unwrapped.n_windows))
+    baselines = {name: schedule_chooser(schedules) for name, schedules in tables.items()}
+    curve = LearningCurveCallback(evaluation, windows, max(steps // 8, 1), baselines=baselines)
     model = make_agent(algo, train, seed=seed)
-    model.learn(steps)
-    save_agent(model, path)
+    model.learn(steps, callback=curve)
+    if saved is not None:
+        trained, kept = model.policy.state_dict(), saved.policy.state_dict()
+        if any(not torch.equal(trained[k], kept[k]) for k in kept):
+            raise RuntimeError(f"{stem}: training again gave another network than the saved one")
+        model = saved
+    else:
+        save_agent(model, path)
+    labels = {"budget": budget, "policy": algo, "seed": seed, "method": f"budget {budget:g}"}
+    write_atomic(curve_path, pd.DataFrame(curve.history).assign(**labels).to_csv(index=False))
     return model
+
+
+def schedule_chooser(schedules: dict):
+    """A chooser playing ``schedules[window]`` (an (S, L) table) on whatever window runs."""
+
+    def choose(observation, env):
+        base = env.unwrapped
+        return int(np.asarray(schedules[base.window]).reshape(-1)[base.step_index])
+
+    return choose
 
 
 def episode_row(trace) -> dict:
@@ -279,8 +313,9 @@ def main(args: Args) -> Path:
         evaluation = gym.make(args.env_id, **args.env_kwargs("eval", budget))
         live = gym.make(args.env_id, **args.env_kwargs("eval", budget, "live"))
         plans: list[tuple[str, int, object]] = []  # (policy, seed, chooser or tables)
-        for policy, tables in fitted_tables(train, evaluation, budget).items():
-            plans.append((policy, 0, tables))
+        tables = fitted_tables(train, evaluation, budget)
+        for policy, schedules in tables.items():
+            plans.append((policy, 0, schedules))
         for algo in args.agents:
             for seed in range(args.seeds):
                 plans.append((algo, seed, (algo, seed)))
@@ -293,9 +328,9 @@ def main(args: Args) -> Path:
             not in done
         ]
         models = {
-            how: trained_agent(args, folder.path, *how, budget)
-            for _, _, how, _ in todo
-            if isinstance(how, tuple)
+            (algo, seed): trained_agent(args, folder.path, algo, seed, budget, tables)
+            for algo in args.agents
+            for seed in range(args.seeds)
         }
         todo.sort(key=lambda item: item[3])  # window by window: its exact reference runs once
         for policy, seed, how, window in tqdm(todo, desc=f"budget {budget:g}", unit="ep"):
@@ -310,6 +345,9 @@ def main(args: Args) -> Path:
     written = pd.read_csv(folder.path / "frontier.csv")
     (folder.path / "frontier.md").write_text(markdown_from_frame(written, COLUMNS_MD))
     plot(written, folder.path / "frontier.png")
+    curves = read_curves(folder.path / "curves")
+    if not curves.empty:
+        plot_curves(curves, folder.path / "learning_curves.png")
     folder.update_config(wall_s=time.perf_counter() - started, episodes=len(rows))
     print((folder.path / "frontier.md").read_text())
     return folder.path

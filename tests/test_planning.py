@@ -214,9 +214,23 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
     assert set(table["verdict"].dropna()) <= {"lower KL", "higher KL", "no difference"}
     assert (folder / "frontier.md").read_text().count("\n") == len(table) + 2
     assert (folder / "frontier.png").stat().st_size > 0
+    curves = sorted((folder / "curves").glob("dagger__0.6__*.csv"))
+    assert len(curves) == 2 and (folder / "learning_curves.png").stat().st_size > 0
+    curve = pd.read_csv(curves[0])
+    assert curve["timesteps"].iloc[0] == 0 and curve["timesteps"].iloc[-1] == 96
+    assert {"baseline_static_layer", "baseline_per_window_optimum"} <= set(curve)
+    # the last point is the saved model's return on the cached eval windows
+    from agents import load_agent
+
+    evaluation = gym.make("DRRL-Tiny-TopP-Budget-v0", split="eval", max_windows=3, budget=0.6)
+    model = load_agent(folder / "models" / "dagger__0.6__0.zip", env=evaluation)
+    returns = [play_episode(evaluation, actor(model), w).rewards.sum() for w in range(3)]
+    assert curve["eval_return_mean"].iloc[-1] == pytest.approx(np.mean(returns), abs=1e-9)
     before = rows.copy()
+    curves[0].unlink()  # a model saved without its curve is trained again, identically
     planning.main(planning.Args(**{**args.__dict__, "resume": True}))
     pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
+    pd.testing.assert_frame_equal(pd.read_csv(curves[0]), curve)
 
 
 @pytest.mark.parametrize(
