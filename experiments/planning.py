@@ -57,6 +57,7 @@ from agents.evaluation import actor
 from drrl_env.episodes import play_episode
 from harness.reporting import markdown_from_frame
 from harness.runs import (
+    RESULT_FREE,
     ArgumentError,
     RowLog,
     RunArgs,
@@ -103,7 +104,9 @@ class Args(RunArgs):
     env_id: str = "DRRL-Mix-TopP-Budget-v0"
     """A registered cached id with a budget."""
     budgets: tuple[float, ...] = (0.6, 0.45)
-    """FLOPs budgets, fractions of exact attention's, each in (0, 1]."""
+    """FLOPs budgets, fractions of exact attention's, each in (0, 1]. Each budget's rows
+    stand alone, so ``--resume`` may name other budgets than the run started with: it plays
+    what they lack, and the tables show the budgets named."""
     agents: tuple[str, ...] = ("dagger",)
     """Learners (names of ``agents.make_agent``) trained with every seed."""
     seeds: int = 5
@@ -302,7 +305,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 
 def main(args: Args) -> Path:
     """Fit and train on train windows, play everything live on eval windows, write tables."""
-    folder = args.run_folder()
+    folder = args.run_folder(ignored=(*RESULT_FREE, "budgets"))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     folder.prepare(asdict(args), torch=torch.__version__)
@@ -340,6 +343,7 @@ def main(args: Args) -> Path:
             log.append(pd.DataFrame([{**row, **episode_row(trace)}]))
         live.close()
     rows = log.read()
+    rows = rows[rows["budget"].isin(args.budgets)]
     table = frontier(rows)
     table.to_csv(folder.path / "frontier.csv", index=False)
     written = pd.read_csv(folder.path / "frontier.csv")

@@ -231,6 +231,11 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
     planning.main(planning.Args(**{**args.__dict__, "resume": True}))
     pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
     pd.testing.assert_frame_equal(pd.read_csv(curves[0]), curve)
+    # another budget on resume: its rows are added, the tables show the budgets named
+    planning.main(planning.Args(**{**args.__dict__, "resume": True, "budgets": (0.5,)}))
+    rows = pd.read_csv(folder / "episodes.csv")
+    assert sorted(rows["budget"].unique()) == [0.5, 0.6] and len(rows) == 2 * len(before)
+    assert set(pd.read_csv(folder / "frontier.csv")["budget"]) == {0.5}
 
 
 @pytest.mark.parametrize(
