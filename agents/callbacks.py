@@ -34,7 +34,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv
 
 PREFIX = "env"
-MASKABLE_ALGOS = ("maskable_ppo", "bc", "dagger")
+MASKABLE_ALGOS = ("maskable_ppo", "bc", "dagger", "lagrangian_ppo")
 """Algorithms whose models take action masks (sb3-contrib MaskablePPO and its imitators)."""
 STEP_KEYS = ("fidelity", "flops_ratio", "perturbation")
 EPISODE_KEYS = {

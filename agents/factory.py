@@ -46,6 +46,7 @@ from agents.hyperparams import (
     with_overrides,
 )
 from agents.imitation import BehaviourCloning, DAgger
+from agents.lagrangian import LagrangianPPO, soft_budget
 from agents.transformer_policy import StateTokenExtractor, layout_for_space
 
 ALGOS: dict[str, type[BaseAlgorithm]] = {
@@ -55,6 +56,7 @@ ALGOS: dict[str, type[BaseAlgorithm]] = {
     "maskable_ppo": MaskablePPO,
     "bc": BehaviourCloning,
     "dagger": DAgger,
+    "lagrangian_ppo": LagrangianPPO,
 }
 """Algorithm name -> stable-baselines3 / sb3-contrib class."""
 
@@ -66,7 +68,7 @@ POLICY_ATTRIBUTE = "drrl_policy"
 SIGNATURE_ATTRIBUTE = "drrl_env_signature"
 """Model attribute (saved in the zip's data) holding the training env's signature."""
 _DISCRETE_ONLY = ("dqn", "bc", "dagger")
-_MASKED = ("maskable_ppo", "bc", "dagger")
+_MASKED = ("maskable_ppo", "bc", "dagger", "lagrangian_ppo")
 _IMITATION = ("bc", "dagger")
 _MANAGED = ("policy", "env", "policy_kwargs", "tensorboard_log", "seed", "verbose", "device")
 
@@ -320,6 +322,8 @@ def check_env_for(algo: str, env: gym.Env | VecEnv) -> None:
             f"{algo} imitates the per-window optimum under a budget: pass a budgeted cached "
             "env, e.g. gym.make('DRRL-Mix-TopP-Budget-v0')"
         )
+    if algo == "lagrangian_ppo":
+        soft_budget(env)  # ValueError without a budget or under the wall
 
 
 def build_policy_kwargs(
@@ -410,7 +414,13 @@ def _env_attr(env: gym.Env | VecEnv, name: str) -> Any:
 
 
 def _check_extra_hyperparams(algo: str, extra: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(ALGOS[algo].__init__).parameters) - {"self", *_MANAGED}
+    accepted: set[str] = set()
+    for klass in ALGOS[algo].__mro__:  # an __init__ taking **kwargs hands them to its parent's
+        parameters = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    accepted -= {"self", *_MANAGED}
     unknown = sorted(set(extra) - accepted)
     if unknown:
         raise ValueError(

@@ -92,6 +92,41 @@ class DAggerParams(BCParams):
 
 
 @dataclass(frozen=True)
+class LagrangianPPOParams(MaskablePPOParams):
+    """Lagrangian PPO on a soft budget (:class:`agents.lagrangian.LagrangianPPO`): the PPO
+    fields, then the start and step size of the multiplier ``lam`` that prices a unit of
+    episode cost (the episode's executed FLOPs as a fraction of exact attention's).
+
+    Units assumed: the paper's reward (``damage_scale`` unset, as on every registered
+    sequential budget id and in ``experiments/planning.py`` by default), a step's reward its
+    fidelity, close to 1. The price must match what a decision trades, not that level (a
+    constant per step changes no choice): the fidelity lost against the cost saved. On the
+    cached train windows of ``DRRL-Mix-TopP-v0``, the static allocation's summed
+    ``1 - cosine`` grows by 0.108 from budget 0.6 to 0.45 (:data:`drrl_env.rewards.DAMAGE_SCALE`),
+    a price of about 0.7 return units per unit of episode cost where a budget of about
+    0.5 binds, and by 0.018 from exact attention down to 0.6, about 0.05. A multiplier of
+    the reward's level (order ``steps``, 120) would be a hundred times too high and push
+    every cell to the floor. In damage units (``damage_scale=s``) the fidelity lost, and so
+    the price, is ``s`` times larger: scale ``lambda_learning_rate`` by ``s`` (1.0 at
+    ``DAMAGE_SCALE = 10``).
+
+    ``lambda_init = 0``: no price until the policy overspends. The ascent corrects any
+    start, and a positive one would be a guess at the shadow price, whose scale is the
+    reward's units.
+
+    ``lambda_learning_rate = 0.1``: an untrained policy overspends a budget of 0.4-0.6 by
+    0.3-0.5 (random actions spend 0.69-1.04 of exact FLOPs per episode on
+    ``DRRL-Tiny-TopP-Budget-v0``), so ``lam`` rises by 0.03-0.05 a rollout and reaches the
+    range 0.05-0.7 within about 20 rollouts (2,560 steps at ``n_steps = 128``), a tenth of
+    a default run; the scatter of one rollout's mean cost (a few hundredths to a tenth)
+    moves it by at most 0.01 a rollout, small against that range.
+    """
+
+    lambda_init: float = 0.0
+    lambda_learning_rate: float = 0.1
+
+
+@dataclass(frozen=True)
 class A2CParams:
     """Advantage Actor-Critic (stable-baselines3 ``A2C``)."""
 
@@ -161,6 +196,7 @@ ALGO_PARAMS: dict[str, type] = {
     "maskable_ppo": MaskablePPOParams,
     "bc": BCParams,
     "dagger": DAggerParams,
+    "lagrangian_ppo": LagrangianPPOParams,
 }
 
 POLICY_PARAMS: dict[str, type] = {

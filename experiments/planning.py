@@ -9,7 +9,8 @@ For each budget, on a budgeted cached id (default ``DRRL-Mix-TopP-Budget-v0``: `
 - ``static_cell``: the best constant schedule of every (segment, layer) cell, the same
   knapsack over cells (what a one-shot policy that ignores its input can do at best);
 - the learned agents (``--agents``, names of :func:`agents.make_agent`, e.g. ``dagger`` and
-  ``bc``, which imitate the per-window optimum of the train windows; ``maskable_ppo`` with
+  ``bc``, which imitate the per-window optimum of the train windows; ``lagrangian_ppo``,
+  trained on the soft budget with a learned FLOPs price; ``maskable_ppo`` with
   ``--damage-scale`` and ``--reward-at-end`` for reinforcement learning), each with
   ``--seeds`` seeds, trained on the cached train windows;
 - ``per_window_optimum``: the knapsack of the eval window's own cached values and realised
@@ -71,6 +72,9 @@ from harness.runs import (
 from harness.statistics import iqm_interval, mean_interval, paired_difference
 
 REFERENCE = "static_layer"
+SOFT_BUDGET_LEARNERS = ("lagrangian_ppo",)
+"""Learners that train on the soft budget (``enforce_budget=False``: they price the budget
+themselves) and are played, like every policy, under the wall."""
 TABLES = ("static_layer", "static_cell", "per_window_optimum")
 KEY = ("budget", "policy", "seed", "window")
 METRICS = (
@@ -193,7 +197,8 @@ def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float,
     A model saved without its curve is trained again for the curve, and the two must be the
     same network, parameter for parameter (training is seeded), or the run stops.
     """
-    train = gym.make(args.env_id, **args.env_kwargs("train", budget))
+    soft = {"enforce_budget": False} if algo in SOFT_BUDGET_LEARNERS else {}
+    train = gym.make(args.env_id, **args.env_kwargs("train", budget), **soft)
     stem = f"{algo}__{budget:g}__{seed}"
     path, curve_path = folder / "models" / f"{stem}.zip", folder / "curves" / f"{stem}.csv"
     saved = load_agent(path, env=train) if path.exists() else None

@@ -67,10 +67,10 @@ def deterministic_actions(model, observations, masks):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("algo", [a for a in ALGOS if a not in ("bc", "dagger")])
+@pytest.mark.parametrize("algo", [a for a in ALGOS if a not in ("bc", "dagger", "lagrangian_ppo")])
 def test_every_algo_and_policy_trains_saves_and_reloads(env, tmp_path, algo, policy):
-    # bc and dagger imitate a budgeted expert: tests/test_planning.py trains, saves and
-    # reloads them on a budgeted env.
+    # bc and dagger imitate a budgeted expert, lagrangian_ppo prices a soft budget: their
+    # tests (test_planning.py, test_agents_lagrangian.py) train, save and reload them.
     model = make_agent(algo, env, policy, seed=0, **SHORT[algo])
     callback = RankMetricsCallback()
     model.learn(TRAIN_STEPS, callback=callback)

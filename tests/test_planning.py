@@ -157,6 +157,7 @@ def test_imitation_refuses_an_unbudgeted_env_and_bad_settings(cache_root, budget
         make_agent("dagger", budget_env, rounds=0)
     with pytest.raises(ValueError, match="imitation_epochs must be an int >= 1"):
         make_agent("bc", budget_env, imitation_epochs=0)
+    assert make_agent("bc", budget_env, target_kl=0.05).target_kl == 0.05  # PPO's keywords
 
 
 # -- experiments/planning.py -------------------------------------------------------------
