@@ -47,7 +47,6 @@ the step taken after it prices the next rollout. ``lam`` lives in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +57,8 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+
+from drrl_env.rewards import check_weight
 
 TRAIN_ON_SOFT_BUDGET = (
     "train lagrangian_ppo on gym.make(id, enforce_budget=False); deploy it under the wall"
@@ -177,17 +178,8 @@ class LagrangianPPO(MaskablePPO):
         lambda_learning_rate: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        for name, value in (
-            ("lambda_init", lambda_init),
-            ("lambda_learning_rate", lambda_learning_rate),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_weight("lambda_init", lambda_init)  # a finite number >= 0, else ValueError
+        check_weight("lambda_learning_rate", lambda_learning_rate)
         super().__init__(policy, env, **kwargs)
         self.lambda_init = float(lambda_init)
         self.lambda_learning_rate = float(lambda_learning_rate)

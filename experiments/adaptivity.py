@@ -239,9 +239,7 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
                 diff = paired_difference(
                     part.loc[shared, "mean_kl"], reference.loc[shared, "mean_kl"]
                 )
-                row["kl_vs_static"] = diff.format(scientific=True)
-                row["kl_vs_static_low"], row["kl_vs_static_high"] = diff.low, diff.high
-                row["verdict"] = diff.verdict("lower KL", "higher KL")
+                row.update(diff.columns("kl_vs_static", scientific=True))
             table.append(row)
     return pd.DataFrame(table)
 

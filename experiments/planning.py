@@ -273,10 +273,7 @@ def frontier(rows: pd.DataFrame) -> pd.DataFrame:
             shared = per_window.index.intersection(reference.index)
             if policy != REFERENCE and len(shared):
                 diff = paired_difference(per_window.loc[shared, "mean_kl"], reference.loc[shared])
-                row["kl_vs_static"] = diff.format(scientific=True)
-                row["kl_vs_static_mean"] = diff.estimate
-                row["kl_vs_static_low"], row["kl_vs_static_high"] = diff.low, diff.high
-                row["verdict"] = diff.verdict("lower KL", "higher KL")
+                row.update(diff.columns("kl_vs_static", scientific=True))
             table.append(row)
     return pd.DataFrame(table)
 

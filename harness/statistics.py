@@ -61,6 +61,18 @@ class Interval:
             return "no difference"
         return lower if self.high < 0 else higher
 
+    def columns(self, prefix: str, scientific: bool = False) -> dict[str, object]:
+        """Table columns of a paired difference: ``prefix`` (formatted), ``prefix_mean``,
+        ``prefix_low``, ``prefix_high`` and ``verdict`` (``lower KL``/``higher KL``/``no
+        difference`` for a KL difference; see :meth:`verdict`)."""
+        return {
+            prefix: self.format(scientific=scientific),
+            f"{prefix}_mean": self.estimate,
+            f"{prefix}_low": self.low,
+            f"{prefix}_high": self.high,
+            "verdict": self.verdict("lower KL", "higher KL"),
+        }
+
     def format(self, digits: int = 3, scientific: bool = False) -> str:
         """``estimate [low, high]`` (``estimate (n=1)`` without an interval)."""
         spec = f".{digits - 1}e" if scientific else f".{digits}g"

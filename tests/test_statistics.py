@@ -75,3 +75,18 @@ def test_iqm_interval_stratifies_over_tasks() -> None:
 def test_format() -> None:
     assert Interval(0.5, 0.25, 0.75, 8).format() == "0.5 [0.25, 0.75]"
     assert Interval(1e-3, 5e-4, 2e-3, 8).format(scientific=True) == "1.00e-03 [5.00e-04, 2.00e-03]"
+
+
+def test_interval_columns_of_a_paired_difference():
+    from harness.statistics import Interval
+
+    lower = Interval(-2e-3, -3e-3, -1e-3, 8, 0.95).columns("kl_vs_static", scientific=True)
+    assert lower == {
+        "kl_vs_static": "-2.00e-03 [-3.00e-03, -1.00e-03]",
+        "kl_vs_static_mean": -2e-3,
+        "kl_vs_static_low": -3e-3,
+        "kl_vs_static_high": -1e-3,
+        "verdict": "lower KL",
+    }
+    assert Interval(1.0, -1.0, 2.0, 8, 0.95).columns("d")["verdict"] == "no difference"
+    assert Interval(1.0, 0.5, 2.0, 8, 0.95).columns("d")["verdict"] == "higher KL"
