@@ -92,6 +92,8 @@ COLUMNS_MD = (
     ("mean token KL", "mean_kl", "{}"),
     ("KL − static_layer", "kl_vs_static", "{}"),
     ("verdict", "verdict", "{}"),
+    ("KL − static_cell", "kl_vs_cell", "{}"),
+    ("verdict", "verdict_vs_cell", "{}"),
     ("top-1 agreement", "top1_agreement", "{}"),
     ("Δ ppl %", "delta_ppl_pct", "{}"),
     ("retrieval", "retrieval_correct", "{}"),
@@ -249,10 +251,13 @@ def episode_row(trace) -> dict:
 
 def frontier(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (budget, policy): metric means with intervals and KL paired against the static
-    allocation (learned agents: IQM over seeds, seeds averaged per window for the pair)."""
+    allocation (learned agents: IQM over seeds, seeds averaged per window for the pair), and
+    for learned agents against ``static_cell`` too, the best constant schedule: a learner
+    below it adapts to its input, not only to the position of a cell."""
     table = []
     for budget, group in rows.groupby("budget", sort=False):
         reference = group[group["policy"] == REFERENCE].set_index("window")["mean_kl"]
+        constant = group[group["policy"] == "static_cell"].set_index("window")["mean_kl"]
         for policy, part in group.groupby("policy", sort=False):
             seeds = part["seed"].nunique()
             per_window = part.groupby("window").mean(numeric_only=True).sort_index()
@@ -274,6 +279,11 @@ def frontier(rows: pd.DataFrame) -> pd.DataFrame:
             if policy != REFERENCE and len(shared):
                 diff = paired_difference(per_window.loc[shared, "mean_kl"], reference.loc[shared])
                 row.update(diff.columns("kl_vs_static", scientific=True))
+            shared = per_window.index.intersection(constant.index)
+            if policy not in TABLES and len(shared):  # a learner against the best constant
+                diff = paired_difference(per_window.loc[shared, "mean_kl"], constant.loc[shared])
+                row["kl_vs_cell"] = diff.format(scientific=True)
+                row["verdict_vs_cell"] = diff.verdict("lower KL", "higher KL")
             table.append(row)
     return pd.DataFrame(table)
 
