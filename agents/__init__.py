@@ -1,8 +1,10 @@
 """Agents for the dynamic-rank environments: SB3 algorithms, policies, baselines, leaderboard.
 
 - :func:`make_agent` / :func:`load_agent` / :func:`save_agent`: any of :data:`ALGOS`
-  (``ppo``, ``a2c``, ``dqn``, ``maskable_ppo``) with any of :data:`POLICIES` (``mlp``,
-  ``transformer``), defaults in :mod:`agents.hyperparams`;
+  (``ppo``, ``a2c``, ``dqn``, ``maskable_ppo``; ``bc`` and ``dagger``, imitating the
+  per-window optimum, :mod:`agents.imitation`; ``lagrangian_ppo``, pricing a soft budget,
+  :mod:`agents.lagrangian`) with any of :data:`POLICIES` (``mlp``, ``transformer``),
+  defaults in :mod:`agents.hyperparams`;
 - :class:`StateTokenExtractor`: the paper's Transformer over state tokens, an SB3
   ``BaseFeaturesExtractor``;
 - baselines with SB3's ``predict`` interface, in one registry (:data:`BASELINES`,

@@ -88,7 +88,8 @@ def make_agent(
     """Build an untrained agent: ``algo`` in :data:`ALGOS`, ``policy`` in :data:`POLICIES`.
 
     Args:
-        algo: ``ppo``, ``a2c``, ``dqn`` or ``maskable_ppo``.
+        algo: ``ppo``, ``a2c``, ``dqn``, ``maskable_ppo``, ``bc``, ``dagger`` (budgeted
+            cached envs) or ``lagrangian_ppo`` (budgeted envs with ``enforce_budget=False``).
         env: The training environment: a Gymnasium env, an SB3 VecEnv or a registered id.
         policy: ``mlp`` or ``transformer``.
         policy_kwargs: Merged over the policy's defaults (``features_extractor_kwargs`` too).
