@@ -146,11 +146,11 @@ def sdpa_forward(env: gym.Env, repeats: int) -> float:
     """Median seconds of one plain forward of window 0 with the model's own SDPA attention.
 
     The model is the process's shared instance for the env's configuration
-    (:func:`~drrl_env.envs.backends.resources.shared_model`, as
+    (:func:`~drrl_env.lm.facts.shared_model`, as
     :func:`drrl_env.inspect.attention_shape` loads it): the very model the live env runs.
     """
-    from drrl_env.envs.backends.resources import shared_model
     from drrl_env.lm.attention import ATTENTION_NAME
+    from drrl_env.lm.facts import shared_model
 
     base = env.unwrapped
     lm = shared_model(base.config.model, base.config.device, base.config.cache_dir)

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from drrl_env.envs.backends.base import ModelShape
-from drrl_env.envs.backends.resources import model_shape, shared_model
 from drrl_env.envs.config import EnvConfig
+from drrl_env.lm.facts import ModelShape, model_shape, shared_model
 from drrl_env.spectra import normalize_spectrum
 
 
@@ -81,7 +80,7 @@ def layer_energy(backend) -> np.ndarray:
     spectra = rollout_array(backend, "spectra")  # (W, S, L, d)
     zeros = np.zeros((*spectra.shape[:-1], 1))
     cumulative = np.concatenate([zeros, np.cumsum(spectra, axis=-1)], axis=-1)
-    return cumulative[..., backend.actions.ranks].mean(axis=(0, 1))
+    return cumulative[..., backend.problem.actions.ranks].mean(axis=(0, 1))
 
 
 def effective_rank(spectrum: Any) -> np.ndarray | float:

@@ -239,9 +239,9 @@ def test_live_episode_reports_perplexity_and_compounds_errors(tiny_live):
     summary = trace[-1][4]["episode_summary"]
     backend = env.backend
     tokens = backend.tokens[1]
-    result = run_window(backend.lm, tokens, 128, backend.method, np.array(summary["ranks"]))
+    result = run_window(env.problem.lm, tokens, 128, env.problem.method, np.array(summary["ranks"]))
     assert summary["perplexity"] == pytest.approx(result.perplexity, rel=1e-12)
-    full = run_window(backend.lm, tokens, 128, "full")
+    full = run_window(env.problem.lm, tokens, 128, "full")
     assert summary["perplexity_full"] == pytest.approx(full.perplexity, rel=1e-12)
     assert summary["perplexity"] != summary["perplexity_full"]
 
@@ -654,9 +654,9 @@ def test_read_only_cache_folder_fails_before_building(tmp_path, monkeypatch):
         raise StoreNotWritableError(f"cache folder {self.folder} is not writable")
 
     monkeypatch.setattr(ShardStore, "check_writable", not_writable)
-    import drrl_env.envs.backends.cached as cached
+    import drrl_env.envs.problem as problem
 
-    monkeypatch.setattr(cached, "shared_model", lambda *a: pytest.fail("built before checking"))
+    monkeypatch.setattr(problem, "shared_model", lambda *a: pytest.fail("built before checking"))
     with pytest.raises(StoreNotWritableError, match="not writable"):
         DynamicRankEnv(EnvConfig(**{**TINY, "max_windows": 2}, cache_dir=str(tmp_path)))
 
@@ -710,7 +710,7 @@ def test_new_weights_in_a_model_folder_are_never_served_stale(tmp_path):
     before = DynamicRankEnv(**kwargs)
     rewards_before = [step[1] for step in rollout(before, [0] * 4)[1:]]
     tiny_model_folder(tmp_path / "model", seed=2)  # other weights, same folder
-    from drrl_env.envs.backends.resources import shared_model
+    from drrl_env.lm.facts import shared_model
 
     shared_model.cache_clear()
     after = DynamicRankEnv(**kwargs)

@@ -47,7 +47,7 @@ def test_layer_energy_and_spectra_are_truncation_order_sums(env):
     backend = env.unwrapped.backend
     spectra = rollout_array(backend, "spectra")  # (W, S, L, d)
     energy = layer_energy(backend)
-    ranks = backend.actions.ranks
+    ranks = backend.problem.actions.ranks
     expected = np.stack([spectra[..., :r].sum(-1) for r in ranks], axis=-1).mean(axis=(0, 1))
     np.testing.assert_allclose(energy, expected)
     np.testing.assert_allclose(energy[:, -1], 1.0)

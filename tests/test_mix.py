@@ -109,14 +109,14 @@ def test_live_episode_scores_the_greedy_answer_of_passkey_windows(live_mix, tiny
         if kind != "passkey":
             assert "retrieval_correct" not in summary and "generated" not in summary
             continue
-        answer = str(base.backend.metadata["answer"][window])
+        answer = str(base.problem.windows.metadata["answer"][window])
         assert summary["answer"] == answer
         # the continuation equals the reference decoder run on the episode's settings
         settings = np.empty(np.shape(summary["actions"]), dtype=object)
         for index, action in np.ndenumerate(np.asarray(summary["actions"])):
             settings[index] = base.actions.settings[action]
         tokens = base.backend.tokens[window]
-        method = base.backend.method
+        method = base.problem.method
         expected = greedy_tokens(tiny_llama, tokens, base.config.segment_length, method, settings)
         assert summary["generated"] == tiny_llama.tokenizer.decode(expected)
         assert 1 <= len(expected) <= MAX_NEW_TOKENS

@@ -9,10 +9,9 @@ import numpy as np
 from gymnasium import spaces
 
 from drrl_env.envs.backends import make_backend
-from drrl_env.envs.budget import BudgetWall
 from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.observation import ObservationBuilder, ObservationLayout, StepState
-from drrl_env.rewards import Reward, fidelity_term
+from drrl_env.envs.problem import Problem
 
 RESET_OPTIONS = ("window",)
 PLANNED_WINDOWS = 256
@@ -147,6 +146,11 @@ class DynamicRankEnv(gym.Env):
     | backend | ``cached`` | ``cached`` or ``live`` |
     | max_windows, device, cache_dir | 32, cpu, None | data size, torch device, cache root |
 
+    ``env.unwrapped.problem`` (:class:`~drrl_env.envs.problem.Problem`) holds what the
+    configuration determines, built once and shared with the backend: the model (loaded on
+    first use), shape, action grid, method, costs, windows, weight statistics, reward and
+    budget wall.
+
     What the backend can do is declared, not inferred from its name:
     ``env.unwrapped.teacher_forced`` (stored lookups of every action: ``candidate_values``,
     ``rollout``; cached) and ``env.unwrapped.bitwise_replay`` (episodes replay bit for bit;
@@ -171,30 +175,22 @@ class DynamicRankEnv(gym.Env):
         if config is not None and kwargs:
             raise TypeError("pass either config= or keyword arguments, not both")
         self.config = config if config is not None else EnvConfig(**kwargs)
-        self.backend = make_backend(self.config)
-        shape = self.backend.shape
-        self.actions = self.backend.actions
+        self.problem = problem = Problem(self.config)
+        self.backend = make_backend(problem)
+        shape = problem.shape
+        self.actions = problem.actions
         self.n_layers, self.n_segments = shape.n_layers, self.config.n_segments
         self.head_dim = shape.head_dim
-        self.steps = self.n_layers * self.n_segments
-        self.costs = self.backend.costs
+        self.steps = problem.steps
+        self.costs = problem.costs
         self.episode_full_flops = float(self.costs.full.sum() * self.n_layers)
-        self.wall = (
-            BudgetWall(self.costs, self.n_layers, self.config.budget)
-            if self.config.budget is not None
-            else None
-        )
+        self.wall = problem.wall
         self.layout = ObservationLayout(
             len(self.actions), budgeted=self.wall is not None, input_costs=not self.costs.static
         )
         self.action_space = spaces.Discrete(len(self.actions))
         self.observation_space = spaces.Box(self.layout.low, self.layout.high, dtype=np.float32)
-        self.reward_function = Reward(
-            fidelity_term(self.config.fidelity),
-            self.config.weights,
-            self.steps,
-            self.config.damage_scale,
-        )
+        self.reward_function = problem.reward
         self.builder = ObservationBuilder(
             self.layout,
             self.n_layers,
@@ -202,7 +198,7 @@ class DynamicRankEnv(gym.Env):
             self.head_dim,
             self.actions.ranks,
             self.costs.ratios,
-            self.backend.weight_stats,
+            problem.weight_stats,
             self.episode_full_flops,
             self.steps,
         )

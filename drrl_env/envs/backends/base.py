@@ -14,24 +14,16 @@ forwards them) instead of testing the backend's name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from drrl_env.envs.actions import ActionGrid
+from drrl_env.lm.facts import ModelShape
 
+if TYPE_CHECKING:
+    from drrl_env.envs.problem import Problem
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Attention shape of a model."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    def as_array(self) -> np.ndarray:
-        return np.array([self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim])
+__all__ = ["Backend", "CostTable", "LayerView", "ModelShape"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +65,12 @@ class CostTable:
 class Backend(Protocol):
     """What runs the steps of a dynamic-rank environment.
 
+    A backend is built from a :class:`~drrl_env.envs.problem.Problem`, which holds what the
+    configuration determines (shape, action grid, method, costs, weight statistics).
+
     Attributes:
-        shape: The model's attention shape.
-        actions: The action grid.
+        problem: The problem it runs.
         n_windows: Windows of the split an episode can read.
-        weight_stats: (L, 3) projection-weight statistics of each layer.
-        costs: FLOPs of every action at every segment (the same for every window).
         tokens: (n_windows, seq_len) token ids of the windows (replay, evaluation).
         teacher_forced: Whether the layer inputs are exact attention's whatever the actions:
             every action's measurements are stored lookups (:meth:`candidates`,
@@ -91,11 +83,8 @@ class Backend(Protocol):
             thread count and CPU (then :func:`drrl_env.replay.reward_tolerance` applies).
     """
 
-    shape: ModelShape
-    actions: ActionGrid
+    problem: Problem
     n_windows: int
-    weight_stats: np.ndarray
-    costs: CostTable
     tokens: np.ndarray
     teacher_forced: bool
     bitwise_replay: bool

@@ -21,26 +21,17 @@ its kept fraction of the causal keys. Shared: ``shape``, ``actions`` (A, 2),
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from drrl_env.envs.actions import ActionGrid
-from drrl_env.envs.backends.base import LayerView, ModelShape
-from drrl_env.envs.backends.resources import (
-    build_method,
-    cache_root,
-    cost_table,
-    data_key,
-    load_split_windows,
-    model_shape,
-    shared_model,
-    weight_statistics,
-)
-from drrl_env.envs.budget import BudgetWall
+from drrl_env.envs.backends.base import LayerView
 from drrl_env.envs.config import EnvConfig
 from drrl_env.envs.observation import check_finite
+from drrl_env.envs.problem import Problem
+from drrl_env.lm.facts import ModelShape
 from drrl_env.rewards import RAW_TERMS
 from drrl_env.store import ArraySpec, CorruptShardError
 
@@ -111,13 +102,14 @@ def rebuild_command(config: EnvConfig) -> str:
     return shlex.join(words)
 
 
-def rollout_key(config: EnvConfig) -> dict[str, Any]:
-    """What the rollouts of ``config`` depend on (not the reward weights, budget or term)."""
+def rollout_key(problem: Problem) -> dict[str, Any]:
+    """What the rollouts of a problem depend on (not the reward weights, budget or term)."""
     from drrl_env.methods import method_class
 
+    config = problem.config
     cls = method_class(config.method)
     return {
-        **data_key(config),
+        **problem.data_key(),
         "split": config.split,
         "method": config.method,
         "method_module": f"{cls.__module__}:{cls.__qualname__}",
@@ -142,16 +134,19 @@ class RolloutCache:
     command that rebuilds the cache (:func:`rebuild_command`).
 
     Args:
-        config: The environment configuration.
+        problem: The problem of the environment configuration (an
+            :class:`~drrl_env.envs.config.EnvConfig` is turned into one).
     """
 
-    def __init__(self, config: EnvConfig) -> None:
+    def __init__(self, problem: Problem | EnvConfig) -> None:
         from drrl_env.store import ShardStore
 
-        self.config = config
+        problem = problem if isinstance(problem, Problem) else Problem(problem)
+        config = problem.config
+        self.problem, self.config = problem, config
         self.store = ShardStore(
-            cache_root(config) / "rollouts",
-            rollout_key(config),
+            problem.cache_root / "rollouts",
+            rollout_key(problem),
             f"{config.model}-{config.method}-{config.split}",
             shard_spec=self.shard_spec(),
             shared_spec=self.shared_spec(),
@@ -200,7 +195,7 @@ class RolloutCache:
 
     def _shared_problem(self, shared: dict[str, np.ndarray]) -> tuple[str, str] | None:
         """The array and reason of the first disagreement of the shared arrays, or None."""
-        shape = ModelShape(*(int(x) for x in shared["shape"]))
+        shape = ModelShape.from_array(shared["shape"])
         if shape.n_heads % shape.n_kv_heads:
             return "shape", f"says {shape.n_heads} heads share {shape.n_kv_heads} kv heads"
         rows = len(shared["weight_stats"])
@@ -280,7 +275,7 @@ class RolloutCache:
         except FileNotFoundError:
             if not 0 <= index < int(self._shared["split_windows"]):
                 raise
-            self.store.build([index], window_builder(self.config), progress=False)
+            self.store.build([index], window_builder(self.problem), progress=False)
             return self.store.read_shard(index)
 
     def _repair(self, index: int, error: CorruptShardError) -> dict[str, np.ndarray]:
@@ -299,7 +294,7 @@ class RolloutCache:
         self._repaired.add(index)
         warnings.warn(f"{found}; removing and rebuilding it", CorruptShardWarning, stacklevel=3)
         try:
-            self.store.rebuild_shard(index, window_builder(self.config))
+            self.store.rebuild_shard(index, window_builder(self.problem))
         except StoreNotWritableError as unwritable:
             message = f"{found}; it cannot be rebuilt here ({unwritable}); {fix}"
             raise CorruptShardError(message, *details) from unwritable
@@ -354,7 +349,9 @@ class RolloutCache:
             self.store,
             wanted,
             window_builder,
-            (self.config, threads),
+            # one process builds with this problem (its model and method are loaded once);
+            # spawned workers receive the picklable configuration and pose it again
+            (self.problem if workers == 1 else self.config, threads),
             workers=workers,
             progress=progress,
             desc=f"caching {self.config.model} {self.config.method} {self.config.split}",
@@ -378,37 +375,26 @@ class RolloutCache:
             raise
 
     def _write_shared(self) -> None:
-        lm = shared_model(self.config.model, self.config.device, self.config.cache_dir)
-        shape = model_shape(lm)
-        try:
-            positions = int(lm.max_positions)
-        except (AttributeError, TypeError, ValueError):
-            positions = None
-        if positions is not None and self.config.seq_len > positions:
-            raise ValueError(
-                f"seq_len={self.config.seq_len} is longer than the context of "
-                f"{self.config.model} ({positions} tokens)"
-            )
-        actions = ActionGrid.from_config(self.config, shape.head_dim)
-        split = replace(self.config, max_windows=None)
-        split_windows = len(load_split_windows(split, lm.tokenizer))
-        costs = cost_table(build_method(self.config, shape), self.config, shape, actions)
+        problem = self.problem
+        problem.check_context()
+        costs = problem.costs
         self.store.write_shared(
             {
-                "shape": shape.as_array(),
-                "actions": actions.as_array(),
+                "shape": problem.shape.as_array(),
+                "actions": problem.actions.as_array(),
                 "costs": costs.executed,
                 "flops_full": costs.full,
-                "weight_stats": weight_statistics(lm),
-                "split_windows": np.array(split_windows),
+                "weight_stats": problem.weight_stats,
+                "split_windows": np.array(len(problem.split_windows)),
             }
         )
 
 
-def window_builder(config: EnvConfig, threads: int | None = None):
-    """The per-window build function of ``config`` (loads the model and method once).
+def window_builder(problem: Problem | EnvConfig, threads: int | None = None):
+    """The per-window build function of a problem (its model and method are loaded once).
 
-    Module-level so that build workers can receive it.
+    Module-level so that build workers can receive it; they pass the configuration, which
+    is posed as a :class:`~drrl_env.envs.problem.Problem` here.
     """
     import torch
 
@@ -417,11 +403,10 @@ def window_builder(config: EnvConfig, threads: int | None = None):
 
     if threads is not None:
         torch.set_num_threads(threads)
-    lm = shared_model(config.model, config.device, config.cache_dir)
-    shape = model_shape(lm)
-    actions = ActionGrid.from_config(config, shape.head_dim)
-    method = build_method(config, shape, lm)
-    tokens = load_split_windows(replace(config, max_windows=None), lm.tokenizer)
+    problem = problem if isinstance(problem, Problem) else Problem(problem)
+    config = problem.config
+    lm, actions, method = problem.lm, problem.actions, problem.method
+    tokens = problem.split_windows.tokens
 
     def build(window: int) -> dict[str, np.ndarray]:
         gradient = loss_gradient(lm, tokens[window])
@@ -477,17 +462,19 @@ class CachedBackend:
     teacher_forced = True
     bitwise_replay = True
 
-    def __init__(self, config: EnvConfig) -> None:
-        cache = RolloutCache(config)
+    def __init__(self, problem: Problem) -> None:
+        config = problem.config
+        cache = RolloutCache(problem)
         if not cache.store.has_shared():  # a complete cache may be read-only
             cache.prepare()
         shared = cache.shared()
-        self.shape = ModelShape(*(int(x) for x in shared["shape"]))
-        self.actions = ActionGrid.from_array(shared["actions"], self.shape.head_dim)
-        expected = ActionGrid.from_config(config, self.shape.head_dim)
-        if self.actions != expected:
+        problem.adopt(ModelShape.from_array(shared["shape"]), shared["weight_stats"])
+        self.problem = problem
+        self.shape = problem.shape
+        grid = ActionGrid.from_array(shared["actions"], self.shape.head_dim)
+        if grid != problem.actions:
             raise ValueError(f"cache {cache.store.folder} holds another action grid")
-        self.costs = cost_table(build_method(config, self.shape), config, self.shape, self.actions)
+        self.costs = problem.costs
         for name, stored, computed in (
             ("costs", shared["costs"], self.costs.executed),
             ("flops_full", shared["flops_full"], self.costs.full),
@@ -497,13 +484,10 @@ class CachedBackend:
                     f"the cached {name} of {cache.store.folder} differ from the FLOPs count of "
                     f"method {config.method!r}: a damaged cache; delete that folder to rebuild"
                 )
-        if config.budget is not None:
-            # The floor follows from the cost table: refuse before building any rollout.
-            BudgetWall(self.costs, self.shape.n_layers, config.budget)
+        _ = problem.wall  # a budget below the floor of the costs is refused before building
         if cache.missing() != []:
             cache.build()
-        self.weight_stats = np.asarray(shared["weight_stats"])
-        check_finite("cached weight_stats", self.weight_stats)
+        check_finite("cached weight_stats", problem.weight_stats)
         self.n_windows = len(cache.wanted())
         self.cache = cache
         self.tokens = np.stack([cache.shard(i)["tokens"] for i in range(self.n_windows)])
@@ -534,7 +518,7 @@ class CachedBackend:
         check_finite(f"cached spectra of window {window}", spectra)
         check_finite(f"cached input_stats of window {window}", input_stats)
         table = WindowTable(
-            raw=raw.reshape(steps, len(self.actions), len(self.terms)),
+            raw=raw.reshape(steps, len(self.problem.actions), len(self.terms)),
             spectra=spectra.reshape(steps, -1),
             input_stats=input_stats.reshape(steps, -1),
             mean_nll=float(shard["mean_nll"]),

@@ -21,18 +21,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from drrl_env.envs.actions import ActionGrid
 from drrl_env.envs.backends.base import LayerView
-from drrl_env.envs.backends.resources import (
-    build_method,
-    cost_table,
-    model_shape,
-    shared_model,
-    split_window_set,
-    weight_statistics,
-)
-from drrl_env.envs.config import EnvConfig
-from drrl_env.rewards import fidelity_term
+from drrl_env.envs.problem import Problem
 
 REFERENCE_BYTES = 1 << 30
 """Exact next-token log-probs kept per live backend (the last windows' references)."""
@@ -49,19 +39,16 @@ class LiveBackend:
     teacher_forced = False
     bitwise_replay = False
 
-    def __init__(self, config: EnvConfig) -> None:
-        self.config = config
-        self.lm = shared_model(config.model, config.device, config.cache_dir)
-        self.shape = model_shape(self.lm)
-        self.actions = ActionGrid.from_config(config, self.shape.head_dim)
-        self.weight_stats = weight_statistics(self.lm)
-        windows = split_window_set(config, self.lm.tokenizer)
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.config = problem.config
+        self.lm = problem.lm
+        self.method = problem.method
+        windows = problem.windows
         self.tokens = windows.tokens
         self.metadata = dict(windows.metadata)
         self.n_windows = len(self.tokens)
-        self.method = build_method(config, self.shape, self.lm)
-        self.costs = cost_table(self.method, config, self.shape, self.actions)
-        raw = fidelity_term(config.fidelity).raw
+        raw = problem.reward.fidelity.raw
         self.terms = ("cosine",) if raw == "cosine" else ("cosine", raw)
         self.static_cost = self.method.static_cost
         self._live = None
@@ -119,7 +106,7 @@ class LiveBackend:
         return LayerView(self._request.spectrum, self._request.input_stats)
 
     def execute(self, segment: int, layer: int, action: int) -> dict[str, float]:
-        record, self._request = self._live.step(self.actions.settings[action])
+        record, self._request = self._live.step(self.problem.actions.settings[action])
         raw = dict(record.terms)
         if not self.static_cost:
             raw.update(flops=float(record.flops.total), kept=float(record.kept))
