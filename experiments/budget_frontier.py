@@ -9,7 +9,7 @@ the wall allows) evaluated closed loop on the held-out windows. Each budget's ru
 is ``<out_dir>/<run_name>/budget_<b>``; the frontier gathers their summaries into
 ``frontier.csv``, ``frontier.md`` (generated from the CSV) and ``frontier.png``.
 
-    python experiments/budget_frontier.py                       # 4 budgets x 4 agents x 3 seeds
+    python experiments/budget_frontier.py                       # 4 budgets x 4 agents x 5 seeds
     python experiments/budget_frontier.py --budgets 0.6 --seeds 0 --total-timesteps 5000
     python experiments/budget_frontier.py --resume              # finish an interrupted run
 """
@@ -28,7 +28,7 @@ import tyro
 from agents.compare import Args as CompareArgs
 from agents.compare import main as compare
 from harness.reporting import markdown_from_frame, ppl_axes
-from harness.runs import ArgumentError, RunFolder, check_unique, run_main
+from harness.runs import RESULT_FREE, ArgumentError, RunArgs, check_unique, run_main
 
 FRONTIER_COLUMNS = (
     ("budget", "budget", "{:g}"),
@@ -44,7 +44,7 @@ FRONTIER_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Agents and budget baselines at several FLOPs budgets, evaluated closed loop."""
 
     env_id: str = "DRRL-Wikitext-Budget-v0"
@@ -53,32 +53,24 @@ class Args:
     """FLOPs budgets, fractions of exact attention's, each in (0, 1]."""
     agents: tuple[str, ...] = ("ppo:mlp", "maskable_ppo:mlp", "dqn:mlp", "ppo:transformer")
     """``algo:policy`` pairs trained at every budget."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds of every agent."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Training seeds of every agent (5: the fewest whose interquartile mean and stratified
+    bootstrap interval mean something)."""
     total_timesteps: int = 30_000
     """Training steps per agent, seed and budget."""
     train_windows: int = 16
     """Train-split windows of the cached training env (and of the baselines' measurements)."""
     eval_windows: int = 4
     """Held-out windows every policy is evaluated on, live."""
-    out_dir: str = "results"
-    """Parent folder of the run folder."""
     run_name: str = "budget_frontier"
-    """Run folder inside out_dir (one sub-folder per budget)."""
-    overwrite: bool = False
-    """Start again in an existing run folder."""
-    resume: bool = False
-    """Keep the finished trials and baselines of every budget and run the rest."""
+    """Run folder inside out_dir (one sub-folder per budget); ``--resume`` keeps the finished
+    trials and baselines of every budget and runs the rest."""
     executor: Literal["local", "ray"] = "local"
     """Where trials run (``ray``: ``pip install 'drrl-gym[ray]'``)."""
     address: str | None = None
     """Ray cluster address; unset starts a local Ray instance."""
     n_envs: int = 1
     """Copies of the training env per agent."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the frozen model."""
-    threads: int = 2
-    """Torch threads."""
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -164,13 +156,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 def main(args: Args) -> Path:
     """Run every budget, then write the frontier table and plot."""
     started = time.perf_counter()
-    folder = RunFolder(
-        Path(args.out_dir) / args.run_name,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        ignored=("out_dir", "run_name", "overwrite", "resume", "executor", "address", "threads"),
-    )
-    folder.check(asdict(args))
+    folder = args.run_folder((*RESULT_FREE, "executor", "address"))
     folder.prepare(asdict(args), torch=torch.__version__)
     summaries = {}
     for budget in args.budgets:
