@@ -141,8 +141,8 @@ class CountingSource(Source):
     rule = "toy: generated documents"
 
     @classmethod
-    def resolve(cls, corpus, option, data_path, text_field) -> Source:
-        return cls(corpus, "toy", n=int(option or 6))
+    def resolve(cls, request) -> Source:
+        return cls(request.corpus, "toy", n=int(request.option or 6))
 
     def describe(self) -> str:
         return f"{self.n} toy documents"

@@ -34,7 +34,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from drrl_env.data.documents import (
     CorpusFormatError,
@@ -61,6 +61,22 @@ SAMPLE_BYTES = 1024 * 1024
 
 Metadata = dict[str, "np.ndarray"]
 """Per-window values of a kind, name -> array of length ``n_windows`` (e.g. ``answer``)."""
+
+
+class CorpusRequest(NamedTuple):
+    """What a configuration asks of a corpus kind (:meth:`Source.resolve`).
+
+    Attributes:
+        corpus: ``corpus=`` as written, e.g. ``code:**/*.py``.
+        option: What follows the registered name's ``:`` (None without one).
+        data_path: ``data_path=`` (None: the kind's default).
+        text_field: ``text_field=`` (JSONL and hub kinds).
+    """
+
+    corpus: str
+    option: str | None
+    data_path: str | os.PathLike | None
+    text_field: str
 
 
 @dataclass(frozen=True)
@@ -103,19 +119,14 @@ class Source:
     file (False); their :meth:`resolve` is this class's. None: the kind resolves itself."""
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
-        """The source of ``corpus`` (its option already split off) with these arguments.
+    def resolve(cls, request: CorpusRequest) -> Source:
+        """The source a configuration's corpus arguments ask for.
 
         Raises:
             ValueError: On a bad option or argument.
             DataNotFoundError: If ``data_path`` does not exist or is not what the kind reads.
         """
+        corpus, option, data_path, text_field = request
         if cls.reads_folder is None:
             raise NotImplementedError(f"{cls.__name__} must define resolve() or reads_folder")
         path = local_path(corpus, data_path, cls.reads_folder, cls.rule)
@@ -255,7 +266,7 @@ def resolve_source(
         ) from None
     if option is not None and not cls.takes_option:
         raise ValueError(f"corpus={corpus!r}: {name!r} takes no ':' option")
-    return cls.resolve(corpus, option, data_path, text_field)
+    return cls.resolve(CorpusRequest(corpus, option, data_path, text_field))
 
 
 def source_fingerprint(

@@ -25,7 +25,13 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from drrl_env.data.documents import CorpusFormatError, DataNotFoundError, Document, decode_text
-from drrl_env.data.sources import Source, digest_fingerprint, file_identity, local_path
+from drrl_env.data.sources import (
+    CorpusRequest,
+    Source,
+    digest_fingerprint,
+    file_identity,
+    local_path,
+)
 
 DEFAULT_GLOB = "**/*.py"
 ALWAYS_SKIPPED = ("__pycache__",)
@@ -97,19 +103,14 @@ class CodeSource(Source):
     rule = "source files: each file matching the glob is a document"
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
+    def resolve(cls, request: CorpusRequest) -> Source:
         """The folder (default: the standard library) and the glob (default ``**/*.py``).
 
         Raises:
             ValueError: If the glob is empty, absolute or climbs out of the folder.
             DataNotFoundError: If ``data_path`` is not a folder.
         """
+        corpus, option, data_path, text_field = request
         pattern = DEFAULT_GLOB if option is None else option
         try:
             glob_parts(pattern)

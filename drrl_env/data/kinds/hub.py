@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drrl_env import hub
 from drrl_env.data.documents import CorpusFormatError, DataNotFoundError, Document
-from drrl_env.data.sources import Source, hub_fingerprint
+from drrl_env.data.sources import CorpusRequest, Source, hub_fingerprint
 
 DEFAULT_HF_SPLIT = "train"
 _OFFLINE_HELP = (
@@ -28,18 +27,13 @@ class HubSource(Source):
     rule = "a hub dataset: each non-empty row of the column is a document"
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
+    def resolve(cls, request: CorpusRequest) -> Source:
         """Parse ``hf:<dataset>[:<config>][@<split>]``.
 
         Raises:
             ValueError: If ``data_path`` is given, or the dataset id, config or split is empty.
         """
+        corpus, option, data_path, text_field = request
         if data_path is not None:
             raise ValueError(
                 f"data_path={str(data_path)!r} is not used with corpus={corpus!r}; for local "

@@ -16,7 +16,6 @@ pass key for passkey windows, ``""`` otherwise), ``needle_start`` and ``needle_e
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from drrl_env.data.sources import (
     DEFAULT_CORPUS,
+    CorpusRequest,
     Metadata,
     Source,
     digest_fingerprint,
@@ -55,19 +55,14 @@ class MixSource(Source):
     rule = "a mix of prose, code and passkey windows"
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
+    def resolve(cls, request: CorpusRequest) -> Source:
         """The prose (``data_path``), code (standard library) and passkey (seed) sources.
 
         Raises:
             ValueError: If the seed is not a non-negative integer.
             DataNotFoundError: If ``data_path`` does not exist.
         """
+        corpus, option, data_path, text_field = request
         if option is not None and not option.isdigit():
             raise ValueError(
                 f"corpus={corpus!r}: the option is the passkey seed, a non-negative integer "

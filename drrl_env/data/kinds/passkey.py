@@ -26,7 +26,6 @@ offsets of the needle line, its newlines included, in the window).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,6 +34,7 @@ import numpy as np
 from drrl_env.data.documents import Document
 from drrl_env.data.sources import (
     DEFAULT_CORPUS,
+    CorpusRequest,
     Metadata,
     Source,
     digest_fingerprint,
@@ -129,19 +129,14 @@ class PasskeySource(Source):
     variant: ClassVar[str] = "passkey"
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
+    def resolve(cls, request: CorpusRequest) -> Source:
         """The seed (``option``, default 0) and the filler found as the default corpus is.
 
         Raises:
             ValueError: If the seed is not a non-negative integer.
             DataNotFoundError: If ``data_path`` does not exist.
         """
+        corpus, option, data_path, text_field = request
         seed = DEFAULT_SEED
         if option is not None:
             if not option.isdigit():

@@ -6,12 +6,12 @@ path is detected (:func:`drrl_env.data.sources.detect_kind`) and another kind ma
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from drrl_env.data.documents import Document
 from drrl_env.data.sources import (
     DEFAULT_CORPUS,
+    CorpusRequest,
     Source,
     detect_kind,
     digest_fingerprint,
@@ -32,13 +32,8 @@ class WikiTextSource(Source):
     rule = "WikiText articles start at title lines ' = Title = '"
 
     @classmethod
-    def resolve(
-        cls,
-        corpus: str,
-        option: str | None,
-        data_path: str | os.PathLike | None,
-        text_field: str,
-    ) -> Source:
+    def resolve(cls, request: CorpusRequest) -> Source:
+        corpus, option, data_path, text_field = request
         if data_path is not None and corpus == DEFAULT_CORPUS:
             kind = detect_kind(data_path)
             if kind != "wikitext":
