@@ -14,8 +14,9 @@ A ``corpus`` string is ``NAME`` or ``NAME:OPTION``: the registered name, then an
 kind reads (``hf:<dataset>``, ``code:<glob>``, ``passkey:<seed>``). Kinds that take no option
 refuse one.
 
-Adding a kind: write a ``Source`` subclass with ``resolve`` (a classmethod turning the
-option, ``data_path`` and ``text_field`` into an instance), ``fingerprint`` and ``read``
+Adding a kind: write a ``Source`` subclass with ``resolve`` (a classmethod turning a
+``CorpusRequest``: corpus, option, ``data_path``, ``text_field``, into an instance),
+``fingerprint`` and ``read``
 (its documents), or ``build_windows`` for windows that are not cut from documents; then
 ``register_corpus("mine", "my_package.my_module:MySource")`` (or ``register_corpus("mine",
 MySource)``). ``load_windows(..., corpus="mine")`` and ``gym.make(..., corpus="mine")`` then
