@@ -14,7 +14,10 @@ does not. Wall time is the median of ``repeats`` timed calls after ``warmup`` un
 
 Writes ``flops_scaling_<device type>.csv``, ``.md`` (generated from the CSV) and ``.png``
 (FLOPs ratio vs L with the ceilings; wall time vs L, log-log) and ``config.json`` under
-``out_dir``.
+``<out_dir>/<run_name>`` (default ``results/flops_scaling``). A folder holding an earlier run
+is refused unless ``--overwrite`` (start again) or ``--resume``; timings are not kept across
+sessions, so a resumed run measures every kernel again (on the run's device: another device
+is refused, its files would mix with the run's; measure it under another ``--run-name``).
 
     python experiments/flops_scaling.py --ranks 24 40
     python experiments/flops_scaling.py --from-summary results/<run>/summary.csv
@@ -22,7 +25,6 @@ Writes ``flops_scaling_<device type>.csv``, ``.md`` (generated from the CSV) and
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +45,15 @@ from drrl_env.lm.kernel_timing import (
 )
 from drrl_env.methods import method_class, method_names
 from harness.reporting import markdown_from_frame
+from harness.runs import (
+    ArgumentError,
+    RunArgs,
+    check_device,
+    check_minimum,
+    check_run_name,
+    check_unique,
+    run_main,
+)
 
 DEFAULT_METHODS = ("gram", "svd", "calibrated")
 """The methods measured by default (``--methods`` takes any method whose ``low_rank_scores``
@@ -85,7 +96,7 @@ MARKDOWN_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Executed FLOPs and wall time of one attention layer vs sequence length."""
 
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
@@ -109,29 +120,53 @@ class Args:
     """Timed calls per kernel (the median is reported)."""
     seed: int = 0
     """Seed of the random Q/K/V and of the calibrated basis."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device (cuda when present, else cpu)."""
     threads: int | None = None
     """Torch intra-op threads; None keeps torch's default."""
-    out_dir: Path = Path("results/flops_scaling")
-    """Where flops_scaling_<device type>.csv, .md, .png and config.json are written."""
+    run_name: str = "flops_scaling"
+    """Run folder inside out_dir: flops_scaling_<device type>.csv, .md, .png and config.json."""
+
+    def __post_init__(self) -> None:
+        check_run_name(self.run_name)
+        check_minimum(self, ("heads", "kv_heads", "head_dim", "repeats"))
+        check_minimum(self, ("warmup",), low=0)
+        if self.threads is not None:
+            check_minimum(self, ("threads",))
+        if self.heads % self.kv_heads:
+            raise ArgumentError(
+                f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
+            )
+        if not self.lengths or min(self.lengths) < 1:
+            raise ArgumentError(f"lengths must be >= 1, got {self.lengths}")
+        if not all(1 <= rank <= self.head_dim for rank in self.ranks):
+            raise ArgumentError(f"ranks must be in 1..head_dim={self.head_dim}, got {self.ranks}")
+        if not self.ranks and self.from_summary is None:
+            raise ArgumentError("ranks: give at least one rank, or --from-summary")
+        for name in ("lengths", "ranks", "methods"):
+            check_unique(name, getattr(self, name))
+        if self.from_summary is not None and not self.from_summary.is_file():
+            raise ArgumentError(f"from_summary: {self.from_summary} is not a file")
+        check_device(self.device)
 
 
 def lowrank_kernels(args: Args) -> list[tuple[str, int, str]]:
     """``(method, rank, source)`` of every low-rank kernel to run, duplicates merged.
 
     Raises:
-        ValueError: ``--from-summary`` has no RL row, or a method is unknown.
+        ArgumentError: ``--from-summary`` has no RL row, or a method is unknown.
     """
     if args.from_summary is None:
         unknown = set(args.methods) - set(low_rank_methods())
         if unknown:
-            raise ValueError(f"methods must be among {low_rank_methods()}; got {sorted(unknown)}")
+            raise ArgumentError(
+                f"methods must be among {low_rank_methods()}; got {sorted(unknown)}"
+            )
         return [(method, rank, "--ranks") for method in args.methods for rank in args.ranks]
     summary = pd.read_csv(args.from_summary)
     rl = summary[(summary["kind"] == "rl") & summary["method"].isin(low_rank_methods())]
     if rl.empty:
-        raise ValueError(f"{args.from_summary} holds no RL row of a method in {low_rank_methods()}")
+        raise ArgumentError(
+            f"{args.from_summary} holds no RL row of a method in {low_rank_methods()}"
+        )
     sources: dict[tuple[str, int], list[str]] = {}
     for method in dict.fromkeys(rl["method"]):
         for rank in args.ranks:
@@ -243,14 +278,22 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 def main(args: Args) -> Path:
     """Measure, then write the CSV, the Markdown, the plot and the configuration."""
+    # Another device writes other files: resuming on it would mix two runs in one folder.
+    folder = args.run_folder()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     kernels = lowrank_kernels(args)
-    rows = measure(args, kernels)
     device_type = torch.device(args.device).type
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"flops_scaling_{device_type}"
+    folder.prepare(
+        asdict(args),
+        kernels=[list(kernel) for kernel in kernels],
+        torch=torch.__version__,
+        device=device_type,
+        platform=platform.platform(),
+    )
+    rows = measure(args, kernels)
+    stem = folder.path / f"flops_scaling_{device_type}"
     pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(stem.with_suffix(".csv"), index=False)
     table = pd.read_csv(stem.with_suffix(".csv"))
     header = (
@@ -265,19 +308,10 @@ def main(args: Args) -> Path:
     )
     (stem.with_suffix(".md")).write_text(header + to_markdown(table))
     plot(table, stem.with_suffix(".png"), f"wall time, {device_type}")
-    config = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "kernels": [list(kernel) for kernel in kernels],
-        "torch": torch.__version__,
-        "device": device_type,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "wall_s": time.perf_counter() - started,
-    }
-    (args.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    folder.update_config(threads=torch.get_num_threads(), wall_s=time.perf_counter() - started)
     print(header + to_markdown(table))
     return stem.with_suffix(".csv")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

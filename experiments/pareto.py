@@ -7,10 +7,13 @@ adaptive policy is worth its training only where it lies beyond this front. With
 ``--agents-csv`` (the ``per_window.csv`` of an ``experiments/compare_agents.py`` run) the
 RL agents of the same method are placed on the same axes.
 
-Writes under ``out_dir/<method>/``: ``per_window.csv`` (the baselines' leaderboard rows,
-replayable), ``front.csv`` (one row per policy, ``pareto``: non-dominated among all rows,
+Writes under ``<out_dir>/<run_name>`` (default ``results/pareto/<method>``): ``per_window.csv``
+(the baselines' leaderboard rows, replayable, appended as each baseline finishes),
+``front.csv`` (one row per policy, ``pareto``: non-dominated among all rows,
 ``undominated_by_baselines``: no static-rank or energy point dominates it), ``front.md``
-(generated from ``front.csv``), ``pareto.png`` and ``config.json``.
+(generated from ``front.csv``), ``pareto.png`` and ``config.json``. A folder holding an
+earlier run is refused unless ``--overwrite`` (start again) or ``--resume`` (keep the
+baselines it finished, play the rest).
 
     python experiments/pareto.py --method gram --eval-windows 4
     python experiments/pareto.py --agents-csv results/<run>/per_window.csv
@@ -34,6 +37,7 @@ from rich.progress import Progress
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import evaluate_policy_on_windows, make_baseline, read_csv
 from agents.evaluation import config_json
+from drrl_env.methods import method_names
 from harness.reporting import (
     FRONT_FAMILIES,
     front_plot,
@@ -42,10 +46,23 @@ from harness.reporting import (
     summary_table,
     undominated_by,
 )
+from harness.runs import (
+    ArgumentError,
+    RowLog,
+    RunArgs,
+    check_device,
+    check_minimum,
+    check_run_name,
+    check_unique,
+    registered_id,
+    run_main,
+)
 
 console = Console()
 
 X, Y = "flops_reduction_pct", "delta_ppl_pct"
+KEY = ("policy",)
+"""The unit of work of ``per_window.csv``: one baseline on every eval window."""
 PROBLEM_FIELDS = ("model", "corpus", "split", "eval_fraction", "seq_len", "segment_length")
 """Env fields an agents CSV must share with the front (besides the method) to be comparable."""
 
@@ -66,7 +83,7 @@ FRONT_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Pareto front of static ranks and energy thresholds on live eval windows."""
 
     env_id: str = "DRRL-Wikitext-v0"
@@ -83,21 +100,48 @@ class Args:
     """Guardrail of the env (masked ranks are raised); None keeps the env default."""
     agents_csv: Path | None = None
     """``per_window.csv`` of a compare_agents run: its RL rows of this method join the plot."""
-    out_dir: Path = Path("results/pareto")
-    """Parent folder; files go to ``out_dir/<method>/``."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the model (cuda when present, else cpu)."""
-    threads: int = 2
-    """Torch threads."""
+    out_dir: str = "results/pareto"
+    """Parent folder of the run folder."""
+    run_name: str | None = None
+    """Run folder inside out_dir; None: the method (``results/pareto/<method>``)."""
+
+    def __post_init__(self) -> None:
+        if self.run_name is None:
+            object.__setattr__(self, "run_name", self.method)
+        check_run_name(self.run_name)
+        registered_id(self.env_id)
+        if self.method not in method_names():
+            raise ArgumentError(
+                f"method: {self.method!r} is not a registered method; methods: "
+                f"{', '.join(method_names())}"
+            )
+        check_minimum(self, ("eval_windows", "threads"))
+        if any(not 0 < tau <= 1 for tau in self.energy_taus):
+            raise ArgumentError(f"energy_taus must be in (0, 1], got {self.energy_taus}")
+        check_unique("energy_taus", self.energy_taus)
+        check_unique("static_ranks", self.static_ranks or ())
+        if self.max_perturbation is not None and not 0 <= self.max_perturbation <= 1:
+            raise ArgumentError(f"max_perturbation must be in [0, 1], got {self.max_perturbation}")
+        if self.agents_csv is not None and not self.agents_csv.is_file():
+            raise ArgumentError(f"agents_csv: {self.agents_csv} is not a file")
+        check_device(self.device)
 
 
 def baseline_policies(env: gym.Env, args: Args) -> dict[str, tuple[str, str, object]]:
-    """Name -> (family, label, policy) of full rank, the static ranks and the thresholds."""
+    """Name -> (family, label, policy) of full rank, the static ranks and the thresholds.
+
+    Raises:
+        ArgumentError: A static rank is not a rank of the env's grid.
+    """
     grid = env.unwrapped.actions
     policies = {"full_rank": ("static", str(grid.head_dim), make_baseline("full_rank", env))}
     if args.static_ranks is None:
         settings = grid.settings[:-1]  # every action but exact attention
     else:
+        ranks = sorted({int(s.rank) for s in grid.settings})
+        missing = sorted(set(args.static_ranks) - set(ranks))
+        if missing:
+            raise ArgumentError(f"static_ranks: {missing} are not ranks of the grid {ranks}")
         settings = [s for s in grid.settings if s.rank in args.static_ranks]
     for setting in settings:
         policy = make_baseline("static_rank", env, rank=setting.rank, keep=setting.keep)
@@ -112,13 +156,20 @@ def agent_rows(path: Path, env: gym.Env, method: str, windows: list[int]) -> pd.
     """The RL rows of a compare_agents ``per_window.csv`` for ``method``, checked comparable.
 
     Raises:
-        ValueError: No RL row of ``method``, or the rows come from another model, data or
+        ArgumentError: No RL row of ``method``, or the rows come from another model, data or
             segmentation.
     """
-    frame = read_csv(path)
+    try:
+        frame = read_csv(path)
+    except ValueError as error:
+        raise ArgumentError(f"agents_csv: {error}") from None
+    needed = {"policy", "kind", "method", "seed", "window", "env_config", "attention_flops_full"}
+    missing = sorted(needed - set(frame.columns))
+    if missing:
+        raise ArgumentError(f"{path} is not a compare_agents per_window.csv: no {missing}")
     frame = frame[(frame["kind"] == "rl") & (frame["method"] == method)].copy()
     if frame.empty:
-        raise ValueError(f"{path} holds no RL rows of method {method!r}")
+        raise ArgumentError(f"{path} holds no RL rows of method {method!r}")
     frame["seed"] = frame["seed"].astype(int)
     frame["attention_flops_full"] = frame["attention_flops_full"].astype(float)
     ours = json.loads(config_json(env))
@@ -126,7 +177,7 @@ def agent_rows(path: Path, env: gym.Env, method: str, windows: list[int]) -> pd.
         theirs = json.loads(text)
         different = [k for k in PROBLEM_FIELDS if theirs.get(k) != ours.get(k)]
         if different:
-            raise ValueError(
+            raise ArgumentError(
                 f"{path}: the agents ran on another problem ({', '.join(different)} differ: "
                 + ", ".join(f"{k}={theirs.get(k)!r} vs {ours.get(k)!r}" for k in different)
                 + ")"
@@ -161,6 +212,8 @@ def to_markdown(front: pd.DataFrame) -> str:
 
 
 def main(args: Args) -> Path:
+    """Play every baseline the run folder lacks live, then write the front, table and plot."""
+    folder = args.run_folder()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     kwargs = {} if args.max_perturbation is None else {"max_perturbation": args.max_perturbation}
@@ -177,29 +230,39 @@ def main(args: Args) -> Path:
     full_flops = float(
         live.unwrapped.backend_flops_full_per_layer().sum() * live.unwrapped.n_layers
     )
-    out = args.out_dir / args.method
-    out.mkdir(parents=True, exist_ok=True)
-
     policies = baseline_policies(live, args)
-    frames = []
-    with Progress(console=console) as progress:
-        task = progress.add_task(f"{args.method}: baselines on eval windows", total=len(policies))
-        for name, (_, _, policy) in policies.items():
-            frame = evaluate_policy_on_windows(policy, live, windows, name=name)
-            frames.append(frame.assign(seed=0, kind="baseline"))
-            progress.advance(task)
-    per_window = pd.concat(frames, ignore_index=True).assign(
-        method=args.method, attention_flops_full=full_flops
-    )
-    per_window.to_csv(out / "per_window.csv", index=False)
+    agents = None
     if args.agents_csv is not None:
         agents = agent_rows(args.agents_csv, live, args.method, windows)
+    config = live.unwrapped.config.as_dict()
+    env = {k: v for k, v in config.items() if k != "cache_dir"}
+    out = folder.prepare(asdict(args), env=env, windows=windows, torch=torch.__version__)
+
+    log = RowLog(out / "per_window.csv", KEY)
+    counts = log.counts()
+    done = {key for key in counts if counts[key] == len(windows)}
+    log.retain(done)  # the rows of a baseline cut short are played again
+    todo = {name: p for name, p in policies.items() if log.key_of({"policy": name}) not in done}
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"{args.method}: baselines on eval windows", total=len(todo))
+        for name, (_, _, policy) in todo.items():
+            frame = evaluate_policy_on_windows(policy, live, windows, name=name)
+            log.append(
+                frame.assign(
+                    seed=0, kind="baseline", method=args.method, attention_flops_full=full_flops
+                )
+            )
+            progress.advance(task)
+    live.close()
+    per_window = log.sorted_by([{"policy": name} for name in policies])
+    log.rewrite(per_window)
+    per_window = read_csv(out / "per_window.csv")
+    if agents is not None:
         per_window = pd.concat([per_window, agents], ignore_index=True)
 
     labels = {name: (family, label) for name, (family, label, _) in policies.items()}
     front = front_table(per_window, labels)
     front.to_csv(out / "front.csv", index=False)
-    config = live.unwrapped.config.as_dict()
     header = (
         f"{args.env_id}, method {args.method}, live backend, {len(windows)} eval windows; "
         f"Δ ppl: perplexity increase over full rank; FLOPs reduction: executed attention FLOPs "
@@ -209,19 +272,12 @@ def main(args: Args) -> Path:
     )
     (out / "front.md").write_text(header + to_markdown(pd.read_csv(out / "front.csv")))
     front_plot(front, out / "pareto.png", f"{args.env_id}, method {args.method}")
-    run = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "env": {k: v for k, v in config.items() if k != "cache_dir"},
-        "windows": windows,
-        "wall_s": time.perf_counter() - start,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    (out / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+    wall_s = time.perf_counter() - start
+    folder.update_config(wall_s=wall_s, threads=torch.get_num_threads())
     console.print((out / "front.md").read_text())
-    console.print(f"wrote {out} in {run['wall_s']:.0f} s")
+    console.print(f"wrote {out} in {wall_s:.0f} s")
     return out
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

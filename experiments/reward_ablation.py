@@ -8,11 +8,13 @@ weights, no perturbation term (``gamma = 0``), no FLOPs term (``beta = 0``), and
 stronger FLOPs weight. Each episode's return is measured under its own setting's weights, so
 returns do not compare across settings; ranks, FLOPs reduction, fidelity and perturbation do.
 
-Writes under ``out_dir/<method>/``: ``per_window.csv`` (leaderboard rows with ``beta``,
-``gamma``, ``seed``; replayable), ``ablation.csv`` (one row per setting), ``ablation.md``
+Writes under ``<out_dir>/<run_name>`` (default ``results/reward_ablation/<method>``):
+``per_window.csv`` (leaderboard rows with ``beta``, ``gamma``, ``seed``; replayable, appended
+as each agent is evaluated), ``ablation.csv`` (one row per setting), ``ablation.md``
 (generated from ``ablation.csv``), ``ablation.png`` (FLOPs reduction vs fidelity, one labelled
 point per setting), the trained models, TensorBoard logs and ``config.json``. A folder holding
-an earlier run is refused unless ``--overwrite``.
+an earlier run is refused unless ``--overwrite`` (start again) or ``--resume`` (keep the
+agents it trained and evaluated, train the rest).
 
     python experiments/reward_ablation.py --total-timesteps 20000
     python experiments/reward_ablation.py --settings 0.5 0.1 0.5 0 0 0.1 --live
@@ -20,7 +22,8 @@ an earlier run is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
-import json
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,14 +36,37 @@ from rich.console import Console
 from rich.progress import Progress
 
 import drrl_env  # noqa: F401 (registers the ids)
-from agents import RankMetricsCallback, evaluate_policy_on_windows, make_agent, save_agent
+from agents import (
+    ALGOS,
+    POLICIES,
+    RankMetricsCallback,
+    evaluate_policy_on_windows,
+    make_agent,
+    save_agent,
+)
+from agents.compare import parse_agent
 from agents.hyperparams import DISCOUNT
 from drrl_env.envs.config import EnvConfig
+from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
 from harness.reporting import markdown_from_frame, summary_table
-from harness.runs import RunFolder, run_main
+from harness.runs import (
+    ArgumentError,
+    RowLog,
+    RunArgs,
+    check_device,
+    check_minimum,
+    check_run_name,
+    check_seeds,
+    check_unique,
+    registered_id,
+    run_main,
+)
 
 console = Console()
+
+KEY = ("beta", "gamma", "seed")
+"""The unit of work of ``per_window.csv``: one agent trained and evaluated on every window."""
 
 COLUMNS = (
     "beta",
@@ -79,7 +105,7 @@ MARKDOWN_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Reward-weight ablation: one agent per (beta, gamma) setting, evaluated on eval windows."""
 
     env_id: str = "DRRL-Wikitext-v0"
@@ -108,15 +134,42 @@ class Args:
     """Held-out eval windows every agent is evaluated on."""
     live: bool = False
     """Evaluate on the live backend (closed loop, perplexity) instead of the cached one."""
-    out_dir: Path = Path("results/reward_ablation")
-    """Parent folder; files go to ``out_dir/<method>/``."""
-    overwrite: bool = False
-    """Delete what an earlier run left in ``out_dir/<method>/`` and start again (an earlier
-    run there is refused otherwise: its models and logs would mix with this run's)."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the model (cuda when present, else cpu)."""
-    threads: int = 2
-    """Torch threads."""
+    out_dir: str = "results/reward_ablation"
+    """Parent folder of the run folder."""
+    run_name: str | None = None
+    """Run folder inside out_dir; None: the method (``results/reward_ablation/<method>``)."""
+
+    def __post_init__(self) -> None:
+        registered_id(self.env_id)
+        if self.method is not None and self.method not in method_names():
+            raise ArgumentError(
+                f"method: {self.method!r} is not a registered method; methods: "
+                f"{', '.join(method_names())}"
+            )
+        if self.run_name is None:
+            object.__setattr__(self, "run_name", self.resolved_method)
+        check_run_name(self.run_name)
+        algo, policy = parse_agent(self.agent)
+        if algo not in ALGOS or policy not in POLICIES:
+            raise ArgumentError(
+                f"agent: {self.agent!r} is not algo:policy with algo in {tuple(ALGOS)} "
+                f"and policy in {POLICIES}"
+            )
+        if not self.settings:
+            raise ArgumentError("settings must name at least one (beta, gamma) pair")
+        if any(weight < 0 for setting in self.settings for weight in setting):
+            raise ArgumentError(f"settings: beta and gamma must be >= 0, got {self.settings}")
+        check_unique("settings", self.settings)
+        check_seeds("seeds", self.seeds)
+        check_minimum(self, ("total_timesteps", "train_windows", "eval_windows", "threads"))
+        if self.discount is not None and not 0 <= self.discount <= 1:
+            raise ArgumentError(f"discount must be in [0, 1], got {self.discount}")
+        check_device(self.device)
+
+    @property
+    def resolved_method(self) -> str:
+        """``method``, or the environment's when None."""
+        return self.method or registered_id(self.env_id).get("method", EnvConfig.method)
 
 
 def setting_name(beta: float, gamma: float) -> str:
@@ -138,8 +191,17 @@ def terms_of(beta: float, gamma: float) -> str:
     return "all terms"
 
 
+def run_id(beta: float, gamma: float, seed: int) -> str:
+    """The name of one agent's model file and TensorBoard log."""
+    return f"beta{beta:g}_gamma{gamma:g}__{seed}"
+
+
 def train(args: Args, method: str, beta: float, gamma: float, seed: int, out: Path):
-    """Train one agent on the cached train env with these weights; returns the model."""
+    """Train one agent on the cached train env with these weights; returns the model.
+
+    The TensorBoard logs of an earlier attempt of the same agent (a run cut short) are
+    removed first, so a resumed run holds one log per agent.
+    """
     algo, _, policy = args.agent.partition(":")
     env = gym.make(
         args.env_id,
@@ -154,10 +216,28 @@ def train(args: Args, method: str, beta: float, gamma: float, seed: int, out: Pa
     model = make_agent(
         algo, env, policy or "mlp", seed=seed, tensorboard_log=out / "tensorboard", **overrides
     )
-    name = f"beta{beta:g}_gamma{gamma:g}__{seed}"
+    name = run_id(beta, gamma, seed)
+    attempts = out / "tensorboard"
+    for earlier in attempts.glob(f"{name}_*") if attempts.is_dir() else ():
+        if re.fullmatch(rf"{re.escape(name)}_\d+", earlier.name):
+            shutil.rmtree(earlier)
     model.learn(args.total_timesteps, callback=RankMetricsCallback(), tb_log_name=name)
     save_agent(model, out / "models" / name)
     return model
+
+
+def eval_env(args: Args, method: str, beta: float, gamma: float) -> gym.Env:
+    """The held-out eval env of one setting (``--live``: the live backend)."""
+    return gym.make(
+        args.env_id,
+        method=method,
+        split="eval",
+        backend="live" if args.live else "cached",
+        max_windows=args.eval_windows,
+        beta=beta,
+        gamma=gamma,
+        device=args.device,
+    )
 
 
 def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
@@ -221,34 +301,40 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def main(args: Args) -> Path:
+    """Train and evaluate every agent the run folder lacks, then write the tables."""
+    folder = args.run_folder()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    method = args.method or gym.spec(args.env_id).kwargs.get("method", EnvConfig.method)
-    out = args.out_dir / method
-    RunFolder(out, overwrite=args.overwrite).prepare(asdict(args))  # refuses an earlier run
+    method = args.resolved_method
     backend = "live" if args.live else "cached"
+    out = folder.prepare(asdict(args), method=method, backend=backend, torch=torch.__version__)
     jobs = [(beta, gamma, seed) for beta, gamma in args.settings for seed in args.seeds]
-    frames = []
+    probe = eval_env(args, method, *args.settings[0])
+    windows = list(range(probe.unwrapped.n_windows))
+    probe.close()
+    log = RowLog(out / "per_window.csv", KEY)
+    keys = {job: log.key_of(dict(zip(KEY, job, strict=True))) for job in jobs}
+    counts = log.counts()
+    done = {
+        keys[job]
+        for job in jobs
+        if counts.get(keys[job]) == len(windows)
+        and (out / "models" / f"{run_id(*job)}.zip").is_file()
+    }
+    log.retain(done)  # the rows of an agent cut short are made again
+    todo = [job for job in jobs if keys[job] not in done]
+    if folder.resuming:
+        console.log(f"resuming {out}: {len(jobs) - len(todo)} of {len(jobs)} agents finished")
     with Progress(console=console) as progress:
-        task = progress.add_task(f"{method}: train + evaluate", total=len(jobs))
-        for beta, gamma, seed in jobs:
+        task = progress.add_task(f"{method}: train + evaluate", total=len(todo))
+        for beta, gamma, seed in todo:
             model = train(args, method, beta, gamma, seed, out)
-            env = gym.make(
-                args.env_id,
-                method=method,
-                split="eval",
-                backend=backend,
-                max_windows=args.eval_windows,
-                beta=beta,
-                gamma=gamma,
-                device=args.device,
-            )
-            windows = list(range(env.unwrapped.n_windows))
+            env = eval_env(args, method, beta, gamma)
             full_flops = float(
                 env.unwrapped.backend_flops_full_per_layer().sum() * env.unwrapped.n_layers
             )
             frame = evaluate_policy_on_windows(model, env, windows)
-            frames.append(
+            log.append(
                 frame.assign(
                     beta=beta,
                     gamma=gamma,
@@ -258,9 +344,10 @@ def main(args: Args) -> Path:
                     attention_flops_full=full_flops,
                 )
             )
+            env.close()
             progress.advance(task)
-    per_window = pd.concat(frames, ignore_index=True)
-    per_window.to_csv(out / "per_window.csv", index=False)
+    per_window = log.sorted_by([dict(zip(KEY, job, strict=True)) for job in jobs])
+    log.rewrite(per_window)
     table = ablation_table(per_window)
     table.to_csv(out / "ablation.csv", index=False)
     alpha = RewardWeights().alpha
@@ -275,18 +362,10 @@ def main(args: Args) -> Path:
     )
     (out / "ablation.md").write_text(header + to_markdown(pd.read_csv(out / "ablation.csv")))
     plot(table, out / "ablation.png", f"{args.env_id}, {method}: reward-weight ablation")
-    config = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "method": method,
-        "backend": backend,
-        "windows": windows,
-        "wall_s": time.perf_counter() - start,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    wall_s = time.perf_counter() - start
+    folder.update_config(windows=windows, wall_s=wall_s, threads=torch.get_num_threads())
     console.print((out / "ablation.md").read_text())
-    console.print(f"wrote {out} in {config['wall_s']:.0f} s")
+    console.print(f"wrote {out} in {wall_s:.0f} s")
     return out
 
 

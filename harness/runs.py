@@ -56,8 +56,9 @@ class ArgumentError(ValueError):
 # -- argument checks --------------------------------------------------------------------------
 
 
-RESULT_FREE = ("out_dir", "run_name", "overwrite", "resume", "threads", "device")
-"""The :class:`RunArgs` fields that change where and how fast a run goes, not its numbers."""
+RESULT_FREE = ("out_dir", "run_name", "overwrite", "resume", "threads")
+"""The :class:`RunArgs` fields that change where and how fast a run goes, not its numbers (the
+device changes them: float kernels differ between devices, so a resume keeps it)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,19 +81,48 @@ def assert_markdown_from_csv(md_path: Path, table: str, rows: int) -> None:
     assert len(table.strip().splitlines()) == rows + 2
 
 
+def snapshot(folder: Path) -> dict[Path, int]:
+    """Every file under ``folder`` with its modification time."""
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+
+def assert_refused(script: str, args: list[str], folder: Path, cache: Path) -> None:
+    """A second run into ``folder`` without --overwrite/--resume exits 2, naming both
+    flags, and writes nothing."""
+    before = snapshot(folder)
+    done = run_script(script, args, cache, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: run folder {folder} already holds a run; pass --resume" in done.stderr
+    assert "--overwrite" in done.stderr
+    assert snapshot(folder) == before
+
+
 # -- experiments/flops_scaling.py ---------------------------------------------------------------
+
+
+FLOPS = [
+    "--lengths",
+    "64",
+    "128",
+    "--ranks",
+    "8",
+    "16",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def flops_dir(tmp_path_factory, cache) -> Path:
     out = tmp_path_factory.mktemp("flops_scaling")
-    args = ["--lengths", "64", "128", "--ranks", "8", "16", "--repeats", "1", "--warmup", "0"]
-    run_script(
-        "experiments/flops_scaling.py",
-        [*args, "--device", "cpu", "--threads", "1", "--out-dir", str(out)],
-        cache,
-    )
-    return out
+    run_script("experiments/flops_scaling.py", [*FLOPS, "--out-dir", str(out)], cache)
+    return out / "flops_scaling"  # the default run name
 
 
 def test_flops_scaling_outputs(flops_dir):
@@ -112,6 +142,22 @@ def test_flops_scaling_outputs(flops_dir):
     assert_png(flops_dir / "flops_scaling_cpu.png")
     config = json.loads((flops_dir / "config.json").read_text())
     assert config["args"]["lengths"] == [64, 128]
+    assert config["kernels"][0] == ["gram", 8, "--ranks"] and config["device"] == "cpu"
+    assert config["threads"] == 1 and config["wall_s"] > 0
+
+
+def test_flops_scaling_refuses_an_earlier_run_and_resumes_by_measuring_again(tmp_path, cache):
+    folder = tmp_path / "flops_scaling"
+    bad = [*FLOPS, "--ranks", "80", "--out-dir", str(tmp_path)]
+    done = run_script("experiments/flops_scaling.py", bad, cache, check=False)
+    assert done.returncode == 2 and "ranks must be in 1..head_dim=64" in done.stderr
+    assert not folder.exists()
+    args = [*FLOPS, "--lengths", "64", "--out-dir", str(tmp_path)]
+    run_script("experiments/flops_scaling.py", args, cache)
+    assert_refused("experiments/flops_scaling.py", args, folder, cache)
+    run_script("experiments/flops_scaling.py", [*args, "--resume"], cache)
+    assert len(pd.read_csv(folder / "flops_scaling_cpu.csv")) == 2 + 3 * 2
+    assert json.loads((folder / "config.json").read_text())["resumed"] == 1
 
 
 def test_flops_scaling_ranks_from_summary(tmp_path):
@@ -167,33 +213,33 @@ def agents_csv(tmp_path_factory, cache) -> Path:
     return path
 
 
+def pareto_args(agents_csv: Path, out: Path) -> list[str]:
+    return [
+        "--env-id",
+        "DRRL-Tiny-v0",
+        "--method",
+        "calibrated",
+        "--eval-windows",
+        "2",
+        "--energy-taus",
+        "0.9",
+        "0.99",
+        "--agents-csv",
+        str(agents_csv),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(out),
+    ]
+
+
 @pytest.fixture(scope="module")
 def pareto_dir(tmp_path_factory, cache, agents_csv) -> Path:
     out = tmp_path_factory.mktemp("pareto")
-    run_script(
-        "experiments/pareto.py",
-        [
-            "--env-id",
-            "DRRL-Tiny-v0",
-            "--method",
-            "calibrated",
-            "--eval-windows",
-            "2",
-            "--energy-taus",
-            "0.9",
-            "0.99",
-            "--agents-csv",
-            str(agents_csv),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--out-dir",
-            str(out),
-        ],
-        cache,
-    )
-    return out / "calibrated"
+    run_script("experiments/pareto.py", pareto_args(agents_csv, out), cache)
+    return out / "calibrated"  # the default run name: the method
 
 
 def test_pareto_outputs(pareto_dir):
@@ -219,6 +265,26 @@ def test_pareto_outputs(pareto_dir):
     assert len(per_window) == 2 * (len(front) - 1) and per_window["perplexity"].notna().all()
     config = json.loads((pareto_dir / "config.json").read_text())
     assert config["windows"] == [0, 1] and config["env"]["backend"] == "live"
+    assert config["args"]["run_name"] == "calibrated" and config["wall_s"] > 0
+
+
+def test_pareto_refuses_an_earlier_run_and_resumes_it(pareto_dir, agents_csv, tmp_path, cache):
+    folder = tmp_path / "calibrated"
+    shutil.copytree(pareto_dir, folder)
+    args = pareto_args(agents_csv, tmp_path)
+    assert_refused("experiments/pareto.py", args, folder, cache)
+    different = [*args, "--resume", "--eval-windows", "1"]
+    refused = run_script("experiments/pareto.py", different, cache, check=False)
+    assert refused.returncode == 2 and "eval_windows (run: 2, now: 1)" in refused.stderr
+    complete = (folder / "per_window.csv").read_text()
+    lines = complete.splitlines(keepends=True)
+    # As if interrupted: energy_0.9 has one of its two windows, energy_0.99 none.
+    (folder / "per_window.csv").write_text("".join(lines[:-3]))
+    (folder / "front.csv").unlink()
+    run_script("experiments/pareto.py", [*args, "--resume"], cache)
+    assert (folder / "per_window.csv").read_text() == complete
+    assert (folder / "front.csv").read_text() == (pareto_dir / "front.csv").read_text()
+    assert json.loads((folder / "config.json").read_text())["resumed"] == 1
 
 
 # -- experiments/reward_ablation.py -------------------------------------------------------------
@@ -255,12 +321,29 @@ def ablation_dir(tmp_path_factory, cache) -> Path:
 
 
 def test_reward_ablation_refuses_an_earlier_run(ablation_dir, cache):
-    before = {p: p.stat().st_mtime_ns for p in ablation_dir.rglob("*")}
     args = [*ABLATION, "--out-dir", str(ablation_dir.parent)]
-    done = run_script("experiments/reward_ablation.py", args, cache, check=False)
-    assert done.returncode == 2
-    assert f"error: run folder {ablation_dir} already holds a run" in done.stderr
-    assert {p: p.stat().st_mtime_ns for p in ablation_dir.rglob("*")} == before
+    assert_refused("experiments/reward_ablation.py", args, ablation_dir, cache)
+
+
+def test_reward_ablation_resumes_the_agents_it_lacks(ablation_dir, tmp_path, cache):
+    folder = tmp_path / "calibrated"
+    shutil.copytree(ablation_dir, folder)
+    complete = (folder / "per_window.csv").read_text()
+    lines = complete.splitlines(keepends=True)
+    (folder / "per_window.csv").write_text("".join(lines[:-1]))  # (0, 0.1) cut short
+    (folder / "ablation.csv").unlink()
+    kept = snapshot(folder / "models")
+    run_script(
+        "experiments/reward_ablation.py", [*ABLATION, "--out-dir", str(tmp_path), "--resume"], cache
+    )
+    assert (folder / "per_window.csv").read_text() == complete  # training is seeded
+    assert (folder / "ablation.csv").read_text() == (ablation_dir / "ablation.csv").read_text()
+    models = snapshot(folder / "models")
+    assert [path.name for path in models if models[path] != kept[path]] == ["beta0_gamma0.1__0.zip"]
+    logs = sorted(path.name for path in (folder / "tensorboard").iterdir())
+    assert logs == ["beta0.5_gamma0.1__0_1", "beta0.5_gamma0__0_1", "beta0_gamma0.1__0_1"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["resumed"] == 1 and config["windows"] == [0, 1]
 
 
 def test_reward_ablation_outputs(ablation_dir):
@@ -377,28 +460,48 @@ def test_uniform_rank_table_checks_ranks_before_writing(tmp_path, cache):
     assert not out.exists()
 
 
-def test_reward_landscape_outputs(tmp_path, cache):
+def test_reward_landscape_outputs_refusal_and_resume(tmp_path, cache):
     script = load_script("experiments/reward_landscape.py")
-    run_script(
-        "experiments/reward_landscape.py",
-        ["--env-id", "DRRL-Tiny-v0", "--out-dir", str(tmp_path)],
-        cache,
-    )
-    table = pd.read_csv(tmp_path / "landscape.csv")
+    args = ["--env-id", "DRRL-Tiny-v0", "--out-dir", str(tmp_path)]
+    run_script("experiments/reward_landscape.py", args, cache)
+    folder = tmp_path / "reward_landscape"  # the default run name
+    table = pd.read_csv(folder / "landscape.csv")
     statics = [f"static_{r}" for r in TINY_RANKS[:-1]]
     assert list(table["policy"]) == ["full_rank", *statics, "energy_0.95", "greedy_oracle"]
-    text = (tmp_path / "landscape.md").read_text()
-    assert text.endswith(script.to_markdown(table) + "\n")
-    assert len(script.to_markdown(table).splitlines()) == len(table) + 2
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["env"]["model"] == "tiny-llama"
+    assert_markdown_from_csv(folder / "landscape.md", script.to_markdown(table), len(table))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["env"]["model"] == "tiny-llama" and config["args"]["split"] == "train"
+
+    assert_refused("experiments/reward_landscape.py", args, folder, cache)
+    complete, markdown = (
+        (folder / "landscape.csv").read_text(),
+        (folder / "landscape.md").read_text(),
+    )
+    (folder / "landscape.csv").write_text("".join(complete.splitlines(keepends=True)[:4]))
+    (folder / "landscape.md").unlink()
+    run_script("experiments/reward_landscape.py", [*args, "--resume"], cache)
+    assert (folder / "landscape.csv").read_text() == complete
+    assert (folder / "landscape.md").read_text() == markdown
+    assert json.loads((folder / "config.json").read_text())["resumed"] == 1
 
 
 def test_replay_tolerance_measures_the_spread_across_thread_counts(tmp_path, cache):
     args = ["--env-ids", "DRRL-Tiny-Live-v0", "--schedules", "1", "--out-dir", str(tmp_path)]
+    bad = run_script("experiments/replay_tolerance.py", [*args, "--threads", "2"], cache, False)
+    assert bad.returncode == 2 and "threads must be at least two counts" in bad.stderr
+    assert not (tmp_path / "replay_tolerance").exists()
     run_script("experiments/replay_tolerance.py", args, cache)
-    table = pd.read_csv(tmp_path / "spread.csv")
+    folder = tmp_path / "replay_tolerance"  # the default run name
+    table = pd.read_csv(folder / "spread.csv")
     assert list(table["schedule"]) == ["exact", "random_1"]
     assert (table["threads"] == "1 vs 2").all() and table["within"].dtype == bool
     assert (table["reward_max_rel"] >= 0).all() and (table["perplexity_rel"] < 1e-3).all()
-    assert "Every spread within the tolerances" in (tmp_path / "spread.md").read_text()
+    assert "Every spread within the tolerances" in (folder / "spread.md").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["args"]["threads"] == [1, 2] and set(config["measure_s"]) == {"DRRL-Tiny-Live-v0"}
+    assert_refused("experiments/replay_tolerance.py", args, folder, cache)
+    # The thread counts are what it compares: a resume may not change them.
+    other = run_script(
+        "experiments/replay_tolerance.py", [*args, "--resume", "--threads", "1", "3"], cache, False
+    )
+    assert other.returncode == 2 and "threads (run: [1, 2], now: [1, 3])" in other.stderr
