@@ -63,7 +63,6 @@ from harness.runs import (
     RowLog,
     RunArgs,
     check_budgets,
-    check_device,
     check_minimum,
     registered_id,
     run_main,
@@ -137,7 +136,7 @@ class Args(RunArgs):
         for kind in self.kinds:
             if kind not in allowed:
                 raise ArgumentError(f"kinds: {kind!r} is not one of {allowed} for {self.env_id}")
-        check_device(self.device)
+        super().__post_init__()
 
     def env_kwargs(self, split: str, windows: int) -> dict:
         """The envs' keywords: no budget wall, no guardrail (schedules are played as given)."""

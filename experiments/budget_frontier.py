@@ -73,6 +73,7 @@ class Args(RunArgs):
     """Copies of the training env per agent."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.budgets:
             raise ArgumentError("budgets must name at least one budget")
         for budget in self.budgets:

@@ -48,9 +48,7 @@ from harness.reporting import markdown_from_frame
 from harness.runs import (
     ArgumentError,
     RunArgs,
-    check_device,
     check_minimum,
-    check_run_name,
     check_unique,
     run_main,
 )
@@ -126,7 +124,7 @@ class Args(RunArgs):
     """Run folder inside out_dir: flops_scaling_<device type>.csv, .md, .png and config.json."""
 
     def __post_init__(self) -> None:
-        check_run_name(self.run_name)
+        super().__post_init__()
         check_minimum(self, ("heads", "kv_heads", "head_dim", "repeats"))
         check_minimum(self, ("warmup",), low=0)
         if self.threads is not None:
@@ -145,7 +143,6 @@ class Args(RunArgs):
             check_unique(name, getattr(self, name))
         if self.from_summary is not None and not self.from_summary.is_file():
             raise ArgumentError(f"from_summary: {self.from_summary} is not a file")
-        check_device(self.device)
 
 
 def lowrank_kernels(args: Args) -> list[tuple[str, int, str]]:

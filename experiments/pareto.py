@@ -50,9 +50,7 @@ from harness.runs import (
     ArgumentError,
     RowLog,
     RunArgs,
-    check_device,
     check_minimum,
-    check_run_name,
     check_unique,
     registered_id,
     run_main,
@@ -108,7 +106,7 @@ class Args(RunArgs):
     def __post_init__(self) -> None:
         if self.run_name is None:
             object.__setattr__(self, "run_name", self.method)
-        check_run_name(self.run_name)
+        super().__post_init__()
         registered_id(self.env_id)
         if self.method not in method_names():
             raise ArgumentError(
@@ -124,7 +122,6 @@ class Args(RunArgs):
             raise ArgumentError(f"max_perturbation must be in [0, 1], got {self.max_perturbation}")
         if self.agents_csv is not None and not self.agents_csv.is_file():
             raise ArgumentError(f"agents_csv: {self.agents_csv} is not a file")
-        check_device(self.device)
 
 
 def baseline_policies(env: gym.Env, args: Args) -> dict[str, tuple[str, str, object]]:

@@ -63,7 +63,6 @@ from harness.runs import (
     RowLog,
     RunArgs,
     check_budgets,
-    check_device,
     check_minimum,
     registered_id,
     run_main,
@@ -147,7 +146,7 @@ class Args(RunArgs):
                 )
         if len(set(self.agents)) != len(self.agents) or set(self.agents) & set(TABLES):
             raise ArgumentError(f"agents must not repeat nor be one of {TABLES}")
-        check_device(self.device)
+        super().__post_init__()
 
     def env_kwargs(self, split: str, budget: float, backend: str = "cached") -> dict:
         windows = self.train_windows if split == "train" else self.eval_windows

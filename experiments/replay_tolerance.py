@@ -35,9 +35,7 @@ from harness.runs import (
     ArgumentError,
     RowLog,
     RunArgs,
-    check_device,
     check_minimum,
-    check_run_name,
     check_seeds,
     check_unique,
     registered_id,
@@ -75,7 +73,7 @@ class Args(RunArgs):
     """Run folder inside out_dir."""
 
     def __post_init__(self) -> None:
-        check_run_name(self.run_name)
+        super().__post_init__()
         if not self.env_ids:
             raise ArgumentError("env_ids must name at least one id")
         check_unique("env_ids", self.env_ids)
@@ -87,7 +85,6 @@ class Args(RunArgs):
         check_unique("threads", self.threads)
         check_minimum(self, ("schedules",), low=0)
         check_seeds("seed", (self.seed,))
-        check_device(self.device)
 
 
 def spread(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

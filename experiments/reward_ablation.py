@@ -54,9 +54,7 @@ from harness.runs import (
     ArgumentError,
     RowLog,
     RunArgs,
-    check_device,
     check_minimum,
-    check_run_name,
     check_seeds,
     check_unique,
     registered_id,
@@ -148,7 +146,7 @@ class Args(RunArgs):
             )
         if self.run_name is None:
             object.__setattr__(self, "run_name", self.resolved_method)
-        check_run_name(self.run_name)
+        super().__post_init__()
         algo, policy = parse_agent(self.agent)
         if algo not in ALGOS or policy not in POLICIES:
             raise ArgumentError(
@@ -164,7 +162,6 @@ class Args(RunArgs):
         check_minimum(self, ("total_timesteps", "train_windows", "eval_windows", "threads"))
         if self.discount is not None and not 0 <= self.discount <= 1:
             raise ArgumentError(f"discount must be in [0, 1], got {self.discount}")
-        check_device(self.device)
 
     @property
     def resolved_method(self) -> str:

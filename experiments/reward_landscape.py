@@ -33,9 +33,7 @@ from harness.runs import (
     ArgumentError,
     RowLog,
     RunArgs,
-    check_device,
     check_minimum,
-    check_run_name,
     registered_id,
     run_main,
 )
@@ -71,7 +69,7 @@ class Args(RunArgs):
     """Run folder inside out_dir."""
 
     def __post_init__(self) -> None:
-        check_run_name(self.run_name)
+        super().__post_init__()
         registered_id(self.env_id)
         if self.split not in SPLITS:
             raise ArgumentError(f"split: {self.split!r} is not one of {SPLITS}")
@@ -80,7 +78,6 @@ class Args(RunArgs):
                 raise ArgumentError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads is not None:
             check_minimum(self, ("threads",))
-        check_device(self.device)
 
 
 def policies_of(env: gym.Env) -> dict:

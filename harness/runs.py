@@ -79,6 +79,11 @@ class RunArgs:
     threads: int = 2
     """Torch threads."""
 
+    def __post_init__(self) -> None:
+        """Check the fields every script shares (a script's ``__post_init__`` calls this)."""
+        check_run_name(self.run_name)
+        check_device(self.device)
+
     def run_folder(self, ignored: Sequence[str] = RESULT_FREE) -> RunFolder:
         """The run folder, checked against these arguments (``ignored`` fields may differ
         on ``--resume``)."""
