@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: setup
-	$(PY) experiments/compare_agents.py
+	$(PY) experiments/compare_agents.py --quick
 
 test: setup
 	$(PY) -m pytest

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,10 +75,10 @@ FORWARDED_ENV = ("DRRL_CACHE_DIR", "DRRL_DATA_DIR")
 
 @dataclass(frozen=True)
 class Args:
-    env_id: str = "DRRL-Wikitext-v0"
-    """Registered environment id (its model, data and segments)."""
-    methods: tuple[str, ...] = ("gram", "topk")
-    """Attention methods compared (each gets its own table)."""
+    env_id: str = "DRRL-Mix-TopP-Budget-v0"
+    """Registered environment id (its model, data, segments and method)."""
+    methods: tuple[str, ...] | None = None
+    """Attention methods compared (each gets its own table); unset: the id's own method."""
     agents: tuple[str, ...] = (
         "ppo:mlp",
         "dqn:mlp",
@@ -91,17 +91,24 @@ class Args:
     """Training seeds of every agent."""
     total_timesteps: int = 30_000
     """Training steps per agent and seed (all envs together)."""
-    train_windows: int = 16
-    """Train-split windows in the cached training env."""
-    eval_windows: int = 2
+    train_windows: int = 12
+    """Train-split windows in the cached training env (a multiple of 3 keeps a mix's kinds
+    balanced)."""
+    eval_windows: int = 12
     """Held-out eval windows every policy is evaluated on."""
-    static_ranks: tuple[int, ...] | None = (16, 24, 32, 48)
-    """Static-rank baselines (ranks of the env's grid); None for every rank of the grid."""
+    seq_len: int | None = None
+    """Tokens per window; unset: the id's own."""
+    segment_length: int | None = None
+    """Tokens per segment (it divides seq_len); unset: the id's own."""
+    static_ranks: tuple[int, ...] | None = None
+    """Static-rank baselines of an unbudgeted env (ranks of the env's grid); unset: every
+    rank of the grid below full."""
     energy_taus: tuple[float, ...] = (0.95,)
     """Energy thresholds of the adaptive-SVD baseline, each in (0, 1]."""
+    quick: bool = False
+    """The configuration of ``make run``: see :data:`QUICK`."""
     full: bool = False
-    """Larger configuration: 3 seeds, 100k steps, 8 eval and 32 train windows, every static
-    rank, two energy thresholds."""
+    """The larger configuration: see :data:`FULL`."""
     n_envs: int = 1
     """Copies of the cached training env per agent (SubprocVecEnv when > 1)."""
     out_dir: str = "results"
@@ -139,7 +146,9 @@ class Args:
                 f"env_id: {self.env_id!r} is not a registered DRRL id; registered: "
                 f"{', '.join(drrl_env.ENV_IDS)}"
             )
-        for method in self.methods:
+        if self.quick and self.full:
+            raise ArgumentError("quick and full exclude each other")
+        for method in self.methods or ():
             if method not in method_names():
                 raise ArgumentError(
                     f"methods: {method!r} is not a registered method; methods: "
@@ -152,11 +161,14 @@ class Args:
                     f"agents: {spec!r} is not algo:policy with algo in {tuple(ALGOS)} "
                     f"and policy in {POLICIES}"
                 )
-        check_unique("methods", self.methods)
+        check_unique("methods", self.methods or ())
         check_unique("agents", [":".join(parse_agent(spec)) for spec in self.agents])
         check_seeds("seeds", self.seeds)
         for name in ("total_timesteps", "train_windows", "eval_windows", "threads", "n_envs"):
             if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seq_len", "segment_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
         for rank in self.static_ranks or ():
             if rank < 1:
@@ -166,7 +178,7 @@ class Args:
             if not 0 < tau <= 1:
                 raise ArgumentError(f"energy_taus: {tau!r} is outside (0, 1]")
         check_unique("energy_taus", [f"{tau:g}" for tau in self.energy_taus])
-        for method in self.methods:  # weights, budget and method, checked as the env will
+        for method in self.resolved().methods:  # weights, budget, shape, method: as the env
             try:
                 env_config(self.env_id, **{**self.env_kwargs(method), "device": "cpu"})
             except ValueError as error:
@@ -187,22 +199,51 @@ class Args:
         """``gym.make`` keywords shared by the training and evaluation envs of ``method``."""
         weights = {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
         weights["budget"] = self.budget
+        weights["seq_len"] = self.seq_len
+        weights["segment_length"] = self.segment_length
         weights = {name: value for name, value in weights.items() if value is not None}
         return {"method": method, "device": self.device, **weights}
 
     def resolved(self) -> Args:
-        if not self.full:
+        """These arguments with the preset (``quick`` or ``full``) applied to the fields left
+        at their defaults, and ``methods`` set (the id's own method when unset)."""
+        preset = QUICK if self.quick else FULL if self.full else {}
+        defaults = {field.name: field.default for field in fields(self)}
+        changes = {
+            name: value
+            for name, value in preset.items()
+            if getattr(self, name) == defaults[name] != value
+        }
+        if self.methods is None:
+            try:
+                changes["methods"] = (env_config(self.env_id, device="cpu").method,)
+            except ValueError as error:
+                raise ArgumentError(str(error)) from None
+        if not changes:
             return self
-        return replace(
-            self,
-            seeds=(0, 1, 2),
-            total_timesteps=100_000,
-            eval_windows=8,
-            train_windows=32,
-            static_ranks=None,
-            energy_taus=(0.9, 0.95),
-            full=False,
-        )
+        return replace(self, **changes)
+
+
+QUICK: dict[str, Any] = {
+    "seq_len": 512,
+    "segment_length": 128,
+    "budget": 0.6,
+    "train_windows": 6,
+    "eval_windows": 6,
+    "total_timesteps": 20_000,
+}
+"""``--quick``, what ``make run`` runs: 512-token windows in 4 segments of 128 tokens (120
+steps an episode with SmolLM2's 30 layers), a budget of 0.6 (the floor of ``topp`` at this
+length is 0.35), 2 train and 2 eval windows of each kind of a mix, 20,000 training steps.
+Sized so that a first run on an empty cache fits in 15 minutes on 2 CPU cores."""
+FULL: dict[str, Any] = {
+    "seeds": (0, 1, 2),
+    "total_timesteps": 100_000,
+    "train_windows": 24,
+    "eval_windows": 24,
+    "energy_taus": (0.9, 0.95),
+}
+"""``--full``: 3 seeds, 100,000 steps, 24 train and 24 eval windows, two energy thresholds."""
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,8 @@ def test_overwrite_starts_from_an_empty_folder(run_dir, out, cache_dir):
         (["--agents", "ppo:cnn"], "agents: 'ppo:cnn'"),
         (["--methods", "gram", "pca"], "methods: 'pca'"),
         (["--total-timesteps", "0"], "total_timesteps must be >= 1"),
-        (["--beta", "-1"], "beta must be a finite number"),
+        (["--env-id", "DRRL-Tiny-v0", "--beta", "-1"], "beta must be a finite number"),
+        (["--beta", "0.3"], "budget=0.4 replaces the FLOPs and perturbation weights"),
         (["--env-id", "nope"], "env_id: 'nope' is not a registered DRRL id; registered: DRRL-"),
         (["--energy-taus", "0.9", "1.5"], "energy_taus: 1.5 is outside (0, 1]"),
         (["--run-name", "../escape"], "run_name='../escape' must be a single folder name"),
@@ -340,6 +341,10 @@ def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
         ({"run_name": "x", "overwrite": True, "resume": True}, "overwrite and resume exclude"),
         ({"ray_num_cpus": 2}, "ray_num_cpus is a Ray option"),
         ({"device": "gpu"}, "device='gpu' is not a torch device"),
+        ({"quick": True, "full": True}, "quick and full exclude each other"),
+        ({"seq_len": 0}, "seq_len must be >= 1"),
+        ({"segment_length": -128}, "segment_length must be >= 1"),
+        ({"seq_len": 500}, "seq_len=500 is not a multiple of segment_length=128"),
     ],
 )
 def test_args_checks_name_the_argument(changes, message):
@@ -347,6 +352,27 @@ def test_args_checks_name_the_argument(changes, message):
     with pytest.raises(ArgumentError) as raised:
         script.Args(**{"env_id": "DRRL-Tiny-v0", "device": "cpu", **changes})
     assert message in str(raised.value)
+
+
+def test_presets_fill_the_arguments_left_at_their_defaults():
+    script = load_script()
+    plain = script.Args(env_id="DRRL-Tiny-TopP-Budget-v0", device="cpu").resolved()
+    assert plain.methods == ("topp",)  # the id's own method
+    assert (plain.seq_len, plain.budget, plain.eval_windows) == (None, None, 12)
+    quick = script.Args(env_id="DRRL-Tiny-TopP-Budget-v0", device="cpu", quick=True).resolved()
+    from agents.compare import QUICK
+
+    assert {name: getattr(quick, name) for name in QUICK} == QUICK
+    assert quick.env_kwargs("topp")["seq_len"] == 512
+    assert quick.env_kwargs("topp")["segment_length"] == 128
+    given = script.Args(
+        env_id="DRRL-Tiny-TopP-Budget-v0", device="cpu", quick=True, eval_windows=3, budget=0.5
+    ).resolved()
+    assert (given.eval_windows, given.budget, given.train_windows) == (3, 0.5, 6)
+    full = script.Args(env_id="DRRL-Tiny-v0", device="cpu", full=True).resolved()
+    assert full.seeds == (0, 1, 2) and full.total_timesteps == 100_000
+    assert full.methods == ("calibrated",) and full.seq_len is None
+    assert full.resolved() == full
 
 
 def test_cuda_message_says_how_to_install():
