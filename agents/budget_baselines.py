@@ -4,7 +4,11 @@ In a budgeted episode (``budget=b``) the reward is the fidelity term alone and t
 wall caps the executed attention FLOPs at ``b`` times exact attention's. Cells are then
 independent given the budget (no perturbation term), so the teacher-forced problem of one
 window is a multiple-choice knapsack: one action per (segment, layer), values from the
-cached fidelity terms, costs from the FLOPs table, a cap on the summed cost.
+cached fidelity terms, costs the FLOPs each action realised there (:func:`realised_costs`:
+the cost table for static methods, the cached measurements for input-dependent ones such as
+``topp``, whose cost table holds only upper bounds), a cap on the summed cost. A schedule
+fitted on train windows meets the budget on their mean; on a window that needs more keys the
+env's wall replaces the actions that no longer fit (``masked_actions`` counts them).
 
 - :class:`BestUniformPolicy`: the one action, the same at every step, with the best mean
   fidelity on train windows among those whose episode cost meets the budget (deployable);
@@ -58,6 +62,26 @@ def fidelity_values(env: gym.Env) -> np.ndarray:
         raise ValueError("fidelity values are cached lookups: build it with backend='cached'")
     term = base.reward_function.fidelity
     return term.value(rollout_array(base, term.raw), base.steps)
+
+
+def realised_costs(env: gym.Env) -> np.ndarray:
+    """The FLOPs each action realised at every cell of every cached window, (W, S, L, A).
+
+    With input-dependent costs (``topp``: the keys kept follow the attention mass) these are
+    the cached measurements; the cost table holds only each action's upper bound (every
+    causal key kept), which the budget wall plans with. With static costs they are the cost
+    table, the same at every window and layer.
+
+    Raises:
+        ValueError: Input-dependent costs and an env whose backend is not the cached one.
+    """
+    base = dynamic_rank_env(env)
+    shape = (base.n_windows, base.n_segments, base.n_layers, len(base.actions))
+    if base.costs.static:
+        return np.broadcast_to(base.costs.executed[None, :, None, :], shape).astype(np.float64)
+    if not base.teacher_forced:
+        raise ValueError("realised FLOPs are cached lookups: build it with backend='cached'")
+    return np.asarray(base.rollout("flops"), dtype=np.float64)
 
 
 def knapsack(values: np.ndarray, costs: np.ndarray, cap: float, bins: int = COST_BINS):
@@ -119,10 +143,11 @@ def knapsack_table(
 
 def dp_schedule(env: gym.Env, window: int) -> np.ndarray:
     """The teacher-forced optimum of ``window``: actions (S, L) of the highest summed
-    fidelity whose executed FLOPs meet the budget (:func:`knapsack` over the cells)."""
+    fidelity whose realised FLOPs (:func:`realised_costs`) meet the budget (:func:`knapsack`
+    over the cells)."""
     base = budgeted_env(env)
     values = fidelity_values(env)[window]  # (S, L, A)
-    costs = np.repeat(base.costs.executed[:, None, :], base.n_layers, axis=1)  # (S, L, A)
+    costs = realised_costs(env)[window]  # (S, L, A)
     actions = len(base.actions)
     chosen = knapsack(values.reshape(-1, actions), costs.reshape(-1, actions), base.wall.cap)
     return chosen.reshape(base.n_segments, base.n_layers)
@@ -143,7 +168,7 @@ class BestUniformPolicy(BaselinePolicy):
         base = budgeted_env(env)
         check_same_grid(base, train_env)
         mean = fidelity_values(train_env).mean(axis=(0, 1, 2))  # (A,)
-        episode_cost = base.costs.executed.sum(axis=0) * base.n_layers  # (A,)
+        episode_cost = realised_costs(train_env).sum(axis=(1, 2)).mean(axis=0)  # (A,)
         feasible = episode_cost <= base.wall.cap * (1 + 1e-9)
         if not feasible.any():
             raise ValueError(f"no action meets budget={base.config.budget} at every step")
@@ -168,7 +193,7 @@ class StaticAllocationPolicy(BaselinePolicy):
         base = budgeted_env(env)
         check_same_grid(base, train_env)
         sensitivity = fidelity_values(train_env).mean(axis=0).sum(axis=0)  # (L, A)
-        per_layer = np.broadcast_to(base.costs.executed.sum(axis=0), sensitivity.shape)
+        per_layer = realised_costs(train_env).mean(axis=0).sum(axis=0)  # (L, A)
         self.allocation = knapsack(sensitivity, per_layer, base.wall.cap)  # (L,)
         self.n_layers = base.n_layers
 
@@ -199,8 +224,8 @@ class LagrangianGreedyPolicy(BaselinePolicy):
         if not base.teacher_forced:
             raise ValueError("the Lagrangian greedy looks up every action: backend='cached'")
         self.env = base
-        self.costs = cost_units(base)
-        self.price = tune_price(fidelity_values(train_env), self.costs, base.config.budget)
+        train_costs = realised_costs(train_env) / base.costs.full.mean()  # (W, S, L, A)
+        self.price = tune_price(fidelity_values(train_env), train_costs, base.config.budget)
 
     def choose(self, observation: np.ndarray) -> int:
         return self.act(observation, None)
@@ -209,7 +234,9 @@ class LagrangianGreedyPolicy(BaselinePolicy):
         values = self.env.candidate_values()
         allowed = self.env.action_masks() if mask is None else mask & self.env.action_masks()
         segment = self.env.step_index // self.env.n_layers
-        score = values["fidelity"] - self.price * self.costs[segment]
+        full = self.env.costs.full
+        costs = values["flops_ratio"] * full[segment] / full.mean()  # realised, cost units
+        score = values["fidelity"] - self.price * costs
         return int(np.argmax(np.where(allowed, score, -np.inf)))
 
     def predict(self, observation, state=None, episode_start=None, deterministic=True, **kw):
@@ -230,11 +257,15 @@ def tune_price(values: np.ndarray, costs: np.ndarray, budget: float, steps: int 
 
     Args:
         values: (W, S, L, A) fidelity of every action at every cell.
-        costs: (S, A) :func:`cost_units` of every action at each segment.
+        costs: (S, A) :func:`cost_units` of every action at each segment, or (W, S, L, A)
+            the realised costs of every cell in the same units.
         budget: Fraction of exact attention FLOPs.
         steps: Bisection steps.
     """
-    costs = np.broadcast_to(np.asarray(costs)[None, :, None, :], values.shape)  # (W,S,L,A)
+    costs = np.asarray(costs)
+    if costs.ndim == 2:
+        costs = costs[None, :, None, :]
+    costs = np.broadcast_to(costs, values.shape)  # (W, S, L, A)
 
     def mean_cost(price: float) -> float:
         chosen = np.argmax(values - price * costs, axis=-1)[..., None]  # (W, S, L, 1)

@@ -34,7 +34,7 @@ import torch as th
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.budget_baselines import COST_BINS, fidelity_values, knapsack_table
+from agents.budget_baselines import COST_BINS, fidelity_values, knapsack_table, realised_costs
 from drrl_env.envs.dynamic_rank import DynamicRankEnv
 
 
@@ -62,12 +62,7 @@ class Expert:
             )
         self.env, self.bins = base, bins
         self.values = fidelity_values(base)  # (W, S, L, A)
-        shape = self.values.shape
-        if base.costs.static:
-            costs = np.broadcast_to(base.costs.executed[None, :, None, :], shape)
-        else:
-            costs = base.rollout("flops")
-        self.costs = np.asarray(costs, dtype=np.float64)
+        self.costs = realised_costs(base)
         self.cap = base.wall.cap
         self.unit = self.cap / bins
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -55,6 +55,7 @@ from agents.allocations import (
     random_search,
     static_per_layer,
 )
+from agents.budget_baselines import realised_costs
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.replay import replay
 from harness.reporting import markdown_from_frame
@@ -163,11 +164,7 @@ def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     base = env.unwrapped
     values = base.rollout("cosine").astype(np.float64)
     episode_full = float(base.costs.full.sum() * base.n_layers)
-    if base.costs.static:  # the same cost at every window and layer
-        costs = np.broadcast_to(base.costs.executed[None, :, None, :], values.shape)
-    else:
-        costs = base.rollout("flops")
-    return values, np.asarray(costs, dtype=np.float64) / episode_full
+    return values, realised_costs(base) / episode_full
 
 
 def rule_candidates(env: gym.Env, rank: int) -> np.ndarray:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from agents import load_agent, make_agent, save_agent
 from agents.allocations import Problem, per_window_optimum, static_per_layer
-from agents.budget_baselines import fidelity_values
+from agents.budget_baselines import fidelity_values, realised_costs
 from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
@@ -165,12 +165,7 @@ def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     """(values, costs), each (W, S, L, A): the cached fidelity term and the realised FLOPs
     per cell as a fraction of an episode's exact attention FLOPs."""
     base = env.unwrapped
-    values = fidelity_values(base)
-    if base.costs.static:
-        costs = np.broadcast_to(base.costs.executed[None, :, None, :], values.shape)
-    else:
-        costs = base.rollout("flops")
-    return values, np.asarray(costs, dtype=np.float64) / base.episode_full_flops
+    return fidelity_values(base), realised_costs(base) / base.episode_full_flops
 
 
 def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:

@@ -20,6 +20,7 @@ from agents.budget_baselines import (
     dp_schedule,
     fidelity_values,
     knapsack,
+    realised_costs,
     tune_price,
 )
 
@@ -150,3 +151,57 @@ def test_budget_baselines_need_a_budgeted_cached_env(envs, tmp_path):
         LagrangianGreedyPolicy(live, train)
     with pytest.raises(ValueError, match="cached"):
         fidelity_values(live)
+
+
+@pytest.fixture(scope="module")
+def topp_envs(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("budget-topp-cache"))
+    kwargs = {"cache_dir": cache, "max_windows": 2}
+    train = gym.make("DRRL-Tiny-TopP-Budget-v0", **kwargs)
+    held_out = gym.make("DRRL-Tiny-TopP-Budget-v0", split="eval", **kwargs)
+    return train, held_out
+
+
+def test_budget_baselines_plan_with_realised_costs_when_costs_depend_on_the_input(topp_envs):
+    train, held_out = topp_envs
+    base = held_out.unwrapped
+    assert not base.costs.static
+    realised = realised_costs(held_out)  # (W, S, L, A)
+    bound = np.broadcast_to(base.costs.executed[None, :, None, :], realised.shape)
+    assert (realised <= bound * (1 + 1e-12)).all() and (realised < bound).any()
+    np.testing.assert_array_equal(realised, held_out.unwrapped.rollout("flops"))
+    values = fidelity_values(held_out)
+    actions = len(base.actions)
+    for window in range(2):
+        schedule = dp_schedule(held_out, window)
+        cells = (*np.indices(schedule.shape), schedule)
+        assert realised[window][cells].sum() <= base.wall.cap * (1 + 1e-9)
+        # planning with the upper bounds can only do worse: its schedules are a subset
+        by_bound = knapsack(
+            values[window].reshape(-1, actions), bound[window].reshape(-1, actions), base.wall.cap
+        ).reshape(schedule.shape)
+        assert values[window][cells].sum() >= values[window][(*cells[:2], by_bound)].sum() - 1e-9
+        _, summary = episode(held_out, schedule, window)
+        assert summary["flops_ratio"] <= base.config.budget + 1e-9  # the wall holds regardless
+    # the deployable baselines are fitted on the train windows' realised costs
+    train_costs = realised_costs(train)
+    uniform = BestUniformPolicy(held_out, train)
+    episode_cost = train_costs.sum(axis=(1, 2)).mean(axis=0)
+    feasible = episode_cost <= base.wall.cap * (1 + 1e-9)
+    mean = fidelity_values(train).mean(axis=(0, 1, 2))
+    assert mean[uniform.action] == mean[feasible].max()
+    static = StaticAllocationPolicy(held_out, train)
+    per_layer = train_costs.mean(axis=0).sum(axis=0)  # (L, A)
+    assert per_layer[np.arange(base.n_layers), static.allocation].sum() <= base.wall.cap * (
+        1 + 1e-9
+    )
+
+
+def test_realised_costs_of_a_static_method_are_its_cost_table(envs):
+    _, held_out = envs
+    base = held_out.unwrapped
+    costs = realised_costs(held_out)
+    assert costs.shape == (base.n_windows, base.n_segments, base.n_layers, len(base.actions))
+    for layer in range(base.n_layers):
+        np.testing.assert_array_equal(costs[:, :, layer, :], np.broadcast_to(
+            base.costs.executed, costs[:, :, layer, :].shape))  # fmt: skip
