@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist, one test file per process at a time); tests use one torch
+# thread each, so one process per core. `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test lint clean-cache
 
@@ -25,7 +28,7 @@ run: setup
 	$(PY) experiments/compare_agents.py --quick
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

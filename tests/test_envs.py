@@ -586,7 +586,9 @@ def test_a_plain_text_corpus_works(tmp_path):
 def test_smollm2_env_passes_checkers(tmp_path):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = gym.make("DRRL-Wikitext-v0", max_windows=1, cache_dir=str(tmp_path)).unwrapped
+    # the real model (30 layers, head dim 64) on one short window: a cheap cache to build
+    short = {"seq_len": 256, "segment_length": 64, "max_windows": 1}
+    env = gym.make("DRRL-Wikitext-v0", cache_dir=str(tmp_path), **short).unwrapped
     gym_check_env(env)
     sb3_check_env(env)
     assert env.n_layers == 30 and env.ranks[-1] == 64
