@@ -38,6 +38,7 @@ import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
+from harness.runs import ArgumentError, run_main
 
 COLUMNS = ("section", "setup", "copies", "value", "unit", "note")
 
@@ -233,7 +234,7 @@ def main(args: Args) -> Path:
     """Run the sections, write the CSV and the Markdown."""
     unknown = set(args.sections) - {"single", "vector", "memory", "live"}
     if unknown:
-        raise ValueError(
+        raise ArgumentError(
             f"unknown sections {sorted(unknown)}; sections: single, vector, memory, live"
         )
     torch.set_num_threads(args.threads)
@@ -272,4 +273,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

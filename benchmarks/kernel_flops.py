@@ -57,6 +57,7 @@ from drrl_env.lm.kernel_timing import (
 )
 from drrl_env.lm.measure import output_cosine
 from drrl_env.methods.base import CallShape
+from harness.runs import ArgumentError, check_device, run_main
 
 REALISED = "flops realised by the timed call"
 """The note of a row whose FLOPs depend on the input (the method's executed count)."""
@@ -267,9 +268,13 @@ def markdown_from_csv(csv_path: Path) -> str:
 def main(args: Args) -> None:
     """Run the benchmark, write the CSV and Markdown, print the table."""
     if args.heads % args.kv_heads:
-        raise ValueError(f"kv_heads={args.kv_heads} must divide heads={args.heads}")
-    for text in args.kernels:
-        parse_spec(text)  # every spec checked before the first timing
+        raise ArgumentError(f"kv_heads={args.kv_heads} must divide heads={args.heads}")
+    for text in args.kernels:  # every spec checked before the first timing
+        try:
+            parse_spec(text)
+        except ValueError as error:
+            raise ArgumentError(str(error)) from None
+    check_device(args.device)
     started = time.perf_counter()
     device_type = torch.device(args.device).type
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,4 +299,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run_main(main, tyro.cli(Args))

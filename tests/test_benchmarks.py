@@ -64,8 +64,9 @@ def test_kernel_flops_refuses_a_bad_spec_before_timing(tmp_path, cache):
         cache,
         check=False,
     )
-    assert result.returncode != 0
-    assert "is not method:rank:keep:path" in result.stderr
+    assert result.returncode == 2  # an argument error: its message, no traceback
+    assert "error: kernel 'topk:8:fast' is not method:rank:keep:path" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "kernel_flops_cpu.csv").exists()
 
 
@@ -102,5 +103,6 @@ def test_env_steps_refuses_an_unknown_section(tmp_path, cache):
         cache,
         check=False,
     )
-    assert result.returncode != 0
-    assert "unknown sections ['vectors']" in result.stderr
+    assert result.returncode == 2
+    assert "error: unknown sections ['vectors']" in result.stderr
+    assert "Traceback" not in result.stderr
