@@ -378,8 +378,17 @@ class RunFolder:
         return self.path
 
     def update_config(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into ``config.json`` (written atomically); returns the whole."""
+        """Merge ``fields`` into ``config.json`` (written atomically); returns the whole.
+
+        ``wall_s`` is the last run's wall time; each one is also appended to ``wall_s_runs``,
+        so a run resumed several times keeps the time of every part.
+        """
         config = json.loads(self.config_path.read_text()) if self.config_path.is_file() else {}
+        if "wall_s" in fields:
+            runs = config.get("wall_s_runs")
+            if runs is None:  # a file from before the list: its wall_s is the first part
+                runs = [config["wall_s"]] if "wall_s" in config else []
+            config["wall_s_runs"] = [*runs, plain(fields["wall_s"])]
         config.update(plain(fields))
         write_atomic(self.config_path, _json(config))
         return config

@@ -183,6 +183,23 @@ def test_resume_keeps_results_and_counts_resumptions(tmp_path):
     assert config["args"]["threads"] == 2, "the recorded arguments stay those of the run"
 
 
+def test_wall_time_of_every_part_of_a_resumed_run_is_kept(tmp_path):
+    RunFolder(tmp_path / "run").prepare(ARGS)
+    RunFolder(tmp_path / "run").update_config(wall_s=10.0)
+    folder = RunFolder(tmp_path / "run", resume=True)
+    folder.prepare(ARGS)
+    config = folder.update_config(wall_s=4.5, episodes=3)
+    assert config["wall_s"] == 4.5 and config["wall_s_runs"] == [10.0, 4.5]
+    assert config["episodes"] == 3
+    # an overwrite starts a new run: the list starts again
+    fresh = RunFolder(tmp_path / "run", overwrite=True)
+    fresh.prepare(ARGS)
+    assert fresh.update_config(wall_s=2.0)["wall_s_runs"] == [2.0]
+    # a config written before the list existed: its wall_s is the first part
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"args": {}, "wall_s": 7.0}))
+    assert RunFolder(tmp_path / "run").update_config(wall_s=1.0)["wall_s_runs"] == [7.0, 1.0]
+
+
 def test_resume_with_other_arguments_names_each_difference(tmp_path):
     RunFolder(tmp_path / "run").prepare(ARGS)
     folder = RunFolder(tmp_path / "run", resume=True, ignored=("threads",))
