@@ -29,6 +29,7 @@ skips the finished ones), ``headroom.csv``, ``headroom.md`` (generated from the 
     python experiments/adaptivity.py                                 # mix at 1024 tokens
     python experiments/adaptivity.py --env-id DRRL-Long-Mix-TopP-v0 --budgets 0.3 0.2
     python experiments/adaptivity.py --train-windows 6 --eval-windows 6 --resume
+    python experiments/adaptivity.py --eval-corpus passkey --eval-windows 24   # retrieval
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ from agents.allocations import (
     static_per_layer,
 )
 from agents.budget_baselines import realised_costs
+from drrl_env.data import corpus_names
 from drrl_env.data.kinds.mix import MIX_KINDS
+from drrl_env.data.sources import DEFAULT_CORPUS
 from drrl_env.replay import replay
 from harness.reporting import markdown_from_frame
 from harness.runs import (
@@ -104,8 +107,14 @@ class Args(RunArgs):
     """A registered cached id whose method has input-dependent costs (``topp``)."""
     budgets: tuple[float, ...] = (0.5, 0.3)
     """FLOPs budgets, fractions of exact attention's (counted causally), each in (0, 1]."""
-    kinds: tuple[str, ...] = ("prose", "code", "passkey", "mix")
-    """Kinds of text: the mix's own kinds (its windows of that kind) and ``mix`` (all)."""
+    kinds: tuple[str, ...] | None = None
+    """Kinds of text to score: a mix's own kinds (its windows of that kind) and ``mix`` (all
+    of them); by default every kind the held-out windows have (``prose code passkey mix``
+    for a mix)."""
+    eval_corpus: str | None = None
+    """Held-out windows from this corpus instead of the id's (``passkey``: every eval window
+    a passkey window, for retrieval rows over many windows); the schedules stay fitted on
+    the id's train windows."""
     train_windows: int = 12
     """Train-split windows the schedules are fitted on (a mix: a multiple of 3)."""
     eval_windows: int = 24
@@ -130,30 +139,56 @@ class Args(RunArgs):
             self, ("train_windows", "eval_windows", "evaluations", "threads", "rule_rank")
         )
         check_budgets(self.budgets)
-        if len(set(self.kinds)) != len(self.kinds):
-            raise ArgumentError("kinds must not repeat")
-        mixed = kwargs.get("corpus") == "mix"
-        allowed = (*MIX_KINDS, "mix") if mixed else (kwargs.get("corpus", "wikitext-2"),)
-        for kind in self.kinds:
-            if kind not in allowed:
-                raise ArgumentError(f"kinds: {kind!r} is not one of {allowed} for {self.env_id}")
+        if self.eval_corpus is not None and kind_of(self.eval_corpus) not in corpus_names():
+            raise ArgumentError(
+                f"eval_corpus: {self.eval_corpus!r} is not a corpus; known: "
+                f"{', '.join(corpus_names())}"
+            )
+        if self.kinds is not None:
+            if len(set(self.kinds)) != len(self.kinds):
+                raise ArgumentError("kinds must not repeat")
+            allowed = self.allowed_kinds(kwargs)
+            for kind in self.kinds:
+                if kind not in allowed:
+                    raise ArgumentError(
+                        f"kinds: {kind!r} is not one of {allowed} for {self.env_id}"
+                        + (f" with eval_corpus {self.eval_corpus!r}" if self.eval_corpus else "")
+                    )
         super().__post_init__()
+
+    def allowed_kinds(self, kwargs: dict | None = None) -> tuple[str, ...]:
+        """The kinds the held-out windows have: a mix's kinds and ``mix``, else the corpus."""
+        if kwargs is None:
+            kwargs = registered_id(self.env_id, cached=True)
+        corpus = kind_of(self.eval_corpus or kwargs.get("corpus", DEFAULT_CORPUS))
+        return (*MIX_KINDS, "mix") if corpus == "mix" else (corpus,)
+
+    def scored_kinds(self) -> tuple[str, ...]:
+        """The kinds of text the table has rows for (``kinds``, or every allowed one)."""
+        return self.kinds if self.kinds is not None else self.allowed_kinds()
 
     def env_kwargs(self, split: str, windows: int) -> dict:
         """The envs' keywords: no budget wall, no guardrail (schedules are played as given)."""
+        corpus = {"corpus": self.eval_corpus} if split == "eval" and self.eval_corpus else {}
         return {
             "split": split,
             "max_windows": windows,
             "budget": None,
             "max_perturbation": 1.0,
             "device": self.device,
+            **corpus,
         }
+
+
+def kind_of(corpus: str) -> str:
+    """A corpus spelling's kind: its name before any ``:OPTION``."""
+    return corpus.partition(":")[0]
 
 
 def window_kinds(env: gym.Env, n_windows: int) -> np.ndarray:
     """Each window's kind: a mix alternates its kinds (window ``i``: ``MIX_KINDS[i % 3]``)."""
-    corpus = env.unwrapped.config.corpus
-    if corpus.partition(":")[0] == "mix":
+    corpus = kind_of(env.unwrapped.config.corpus)
+    if corpus == "mix":
         return np.array([MIX_KINDS[i % len(MIX_KINDS)] for i in range(n_windows)])
     return np.array([corpus] * n_windows)
 
@@ -278,10 +313,11 @@ def main(args: Args) -> Path:
     train_kinds = window_kinds(train, len(train_values))
     eval_kinds = window_kinds(evaluation, len(eval_values))
     candidates = rule_candidates(train, args.rule_rank)
+    kinds = args.scored_kinds()
     plans, notes = [], {}
     for budget in args.budgets:
         shared = None  # schedules fitted once on every train window (fit_per_kind False)
-        for kind in args.kinds:
+        for kind in kinds:
             per_kind = args.fit_per_kind and kind != "mix"
             fit = train_kinds == kind if per_kind else np.ones(len(train_kinds), bool)
             scored = np.flatnonzero(
@@ -329,7 +365,7 @@ def main(args: Args) -> Path:
         }
         log.append(pd.DataFrame([row]))
     rows = log.read()
-    order = {"kind": list(args.kinds), "budget": list(args.budgets), "policy": list(POLICIES)}
+    order = {"kind": list(kinds), "budget": list(args.budgets), "policy": list(POLICIES)}
     for column, values in order.items():
         rows[column] = pd.Categorical(rows[column], categories=values, ordered=True)
     rows = rows.sort_values(["kind", "budget", "policy", "window"])

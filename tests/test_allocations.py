@@ -208,6 +208,30 @@ def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
     assert changed.returncode == 2 and "evaluations" in changed.stderr
 
 
+def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
+    """``--eval-corpus passkey``: fitted on the mix's train windows, scored on passkey ones."""
+    from drrl_env.data import DataNotFoundError, resolve_source
+
+    try:
+        resolve_source("mix")
+    except DataNotFoundError:
+        pytest.skip("no local WikiText-2")
+    args = [
+        "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
+        "--eval-windows", "2", "--evaluations", "4", "--eval-corpus", "passkey",
+        "--out-dir", str(tmp_path), "--threads", "1",
+    ]  # fmt: skip
+    result = _run(args, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "adaptivity" / "episodes.csv")
+    assert set(rows["kind"]) == {"passkey"} and set(rows["window_kind"]) == {"passkey"}
+    assert sorted(set(rows["window"])) == [0, 1]
+    assert rows["retrieval_correct"].isin([0.0, 1.0]).all()
+    assert rows["retrieval_correct_full"].isin([0.0, 1.0]).all()
+    config = json.loads((tmp_path / "adaptivity" / "config.json").read_text())
+    assert config["args"]["eval_corpus"] == "passkey"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -215,6 +239,8 @@ def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
         (["--budgets", "1.5"], "budgets must be in"),
         (["--kinds", "poetry"], "kinds: 'poetry'"),
         (["--train-windows", "0"], "train_windows must be >= 1"),
+        (["--eval-corpus", "poetry"], "eval_corpus: 'poetry' is not a corpus"),
+        (["--eval-corpus", "passkey", "--kinds", "prose"], "kinds: 'prose' is not one of"),
     ],
 )
 def test_adaptivity_script_refuses_bad_arguments(tmp_path, extra, message) -> None:
