@@ -41,6 +41,7 @@ from agents.baselines import BaselinePolicy
 from agents.evaluation import Policy, actor, episode_return
 from agents.factory import check_spaces_match
 from drrl_env.episodes import Chooser, Trace, play_episode
+from harness.reporting import pyplot, save_figure
 
 PREFIX = "curve"
 """Namespace of the TensorBoard scalars."""
@@ -219,10 +220,7 @@ def plot_curves(frame: pd.DataFrame, path: str | Path) -> Path:
     Raises:
         ValueError: No rows, or ``timesteps`` or ``eval_return_mean`` missing.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     missing = [column for column in CURVE_COLUMNS[:2] if column not in frame]
     if missing or frame.empty:
@@ -241,12 +239,9 @@ def plot_curves(frame: pd.DataFrame, path: str | Path) -> Path:
             ax.set_title(str(method))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_agents(ax, frame: pd.DataFrame) -> None:

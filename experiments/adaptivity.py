@@ -61,7 +61,7 @@ from drrl_env.data import corpus_names
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.data.sources import DEFAULT_CORPUS
 from drrl_env.replay import replay
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -84,18 +84,10 @@ POLICIES = (
 REFERENCE = "static_layer"
 KEY = ("budget", "kind", "policy", "window")
 METRICS = ("mean_kl", "top1_agreement", "delta_ppl_pct", "retrieval_correct", "flops_ratio")
-COLUMNS_MD = (
-    ("kind", "kind", "{}"),
-    ("budget", "budget", "{:g}"),
-    ("policy", "policy", "{}"),
-    ("mean token KL", "mean_kl", "{}"),
-    ("KL − static_layer", "kl_vs_static", "{}"),
-    ("verdict", "verdict", "{}"),
-    ("top-1 agreement", "top1_agreement", "{}"),
-    ("Δ ppl", "delta_ppl_pct", "{}"),
-    ("retrieval", "retrieval_correct", "{}"),
-    ("FLOPs / exact (live)", "flops_ratio", "{}"),
-    ("windows", "windows", "{}"),
+COLUMNS_MD = table_columns(
+    "kind budget policy mean_kl kl_vs_static verdict top1_agreement delta_ppl_pct "
+    "retrieval_correct flops_ratio windows",
+    delta_ppl_pct=("Δ ppl", "{}"),
 )
 
 
@@ -277,10 +269,7 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
     """Mean KL against live FLOPs, one panel per kind, one marker per policy and budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = list(dict.fromkeys(table["kind"]))
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 4), squeeze=False)
@@ -293,10 +282,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

@@ -27,18 +27,12 @@ import tyro
 
 from agents.compare import Args as CompareArgs
 from agents.compare import main as compare
-from harness.reporting import markdown_from_frame, ppl_axes
+from harness.reporting import markdown_from_frame, ppl_axes, pyplot, save_figure, table_columns
 from harness.runs import RESULT_FREE, ArgumentError, RunArgs, check_unique, run_main
 
-FRONTIER_COLUMNS = (
-    ("budget", "budget", "{:g}"),
-    ("policy", "policy", "{}"),
-    ("Δ ppl vs full", "delta_ppl_pct", "{:+.2f} %"),
-    ("± (seeds)", "delta_ppl_pct_std", "{:.2f}"),
-    ("executed FLOPs / exact", "flops_ratio", "{:.3f}"),
-    ("fidelity", "mean_fidelity", "{:.4f}"),
-    ("seeds", "seeds", "{}"),
-    ("windows", "windows", "{}"),
+FRONTIER_COLUMNS = table_columns(
+    "budget policy delta_ppl_pct delta_ppl_pct_std flops_ratio mean_fidelity seeds windows",
+    flops_ratio=("executed FLOPs / exact", "{:.3f}"),
 )
 """``(header, CSV column, format)`` of the Markdown table."""
 
@@ -123,10 +117,7 @@ def frontier(summaries: dict[float, pd.DataFrame]) -> pd.DataFrame:
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
     """Perplexity change vs executed FLOPs, one line per policy across the budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for policy, part in table.groupby("policy", sort=False):
@@ -148,10 +139,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
     ax.set_title("budget frontier: closed-loop perplexity change on held-out windows")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

@@ -44,7 +44,7 @@ from drrl_env.lm.kernel_timing import (
     time_call,
 )
 from drrl_env.methods import method_class, method_names
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
 from harness.runs import (
     ArgumentError,
     RunArgs,
@@ -78,17 +78,10 @@ COLUMNS = (
     "warmup",
     "repeats",
 )
-MARKDOWN_COLUMNS = (
-    ("L", "L", "{}"),
-    ("kernel", "kernel", "{}"),
-    ("rank", "rank", "{}"),
-    ("rank from", "source", "{}"),
-    ("time (ms)", "time_ms", "{:.3f}"),
-    ("time / SDPA", "time_vs_sdpa", "{:.2f}"),
-    ("time / eager", "time_vs_eager", "{:.2f}"),
-    ("GFLOPs", "gflops", "{:.3f}"),
-    ("FLOPs / full", "flops_ratio", "{:.3f}"),
-    ("ceiling", "ceiling_ratio", "{:.3f}"),
+MARKDOWN_COLUMNS = table_columns(
+    "L kernel rank source time_ms time_vs_sdpa time_vs_eager gflops flops_ratio ceiling_ratio",
+    source=("rank from", "{}"),
+    flops_ratio=("FLOPs / full", "{:.3f}"),
 )
 """``(header, CSV column, format)`` of the Markdown table."""
 
@@ -227,10 +220,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Two panels: FLOPs ratio vs L with each rank's ceiling; wall time vs L, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (flops_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (kernel, rank), part in table.groupby(["kernel", "rank"], sort=False):
@@ -267,10 +257,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     for ax in (flops_ax, time_ax):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

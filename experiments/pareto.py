@@ -44,6 +44,7 @@ from harness.reporting import (
     markdown_from_frame,
     pareto_front,
     summary_table,
+    table_columns,
     undominated_by,
 )
 from harness.runs import (
@@ -64,18 +65,10 @@ KEY = ("policy",)
 PROBLEM_FIELDS = ("model", "corpus", "split", "eval_fraction", "seq_len", "segment_length")
 """Env fields an agents CSV must share with the front (besides the method) to be comparable."""
 
-FRONT_COLUMNS = (
-    ("family", "family", "{}"),
-    ("policy", "policy", "{}"),
-    ("perplexity", "perplexity", "{:.2f}"),
-    ("Δ ppl vs full", "delta_ppl_pct", "{:+.2f} %"),
-    ("FLOPs reduction", "flops_reduction_pct", "{:.1f} %"),
-    ("attention GFLOPs", "attention_gflops", "{:.3f}"),
-    ("mean rank", "mean_rank", "{:.1f}"),
-    ("fidelity", "mean_fidelity", "{:.3f}"),
-    ("non-dominated", "pareto", "{}"),
-    ("beyond baselines", "undominated_by_baselines", "{}"),
-    ("seeds × windows", "size", "{}"),
+FRONT_COLUMNS = table_columns(
+    "family policy perplexity delta_ppl_pct flops_reduction_pct attention_gflops mean_rank "
+    "mean_fidelity pareto undominated_by_baselines size",
+    mean_fidelity=("fidelity", "{:.3f}"),
 )
 """``(header, front.csv column, format)`` of ``front.md``."""
 

@@ -56,7 +56,7 @@ from agents.budget_baselines import fidelity_values, realised_costs
 from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
 from harness.runs import (
     RESULT_FREE,
     ArgumentError,
@@ -84,21 +84,10 @@ METRICS = (
     "flops_ratio",
     "masked_actions",
 )
-COLUMNS_MD = (
-    ("budget", "budget", "{:g}"),
-    ("policy", "policy", "{}"),
-    ("seeds", "seeds", "{}"),
-    ("mean token KL", "mean_kl", "{}"),
-    ("KL − static_layer", "kl_vs_static", "{}"),
-    ("verdict", "verdict", "{}"),
-    ("KL − static_cell", "kl_vs_cell", "{}"),
-    ("verdict", "verdict_vs_cell", "{}"),
-    ("top-1 agreement", "top1_agreement", "{}"),
-    ("Δ ppl %", "delta_ppl_pct", "{}"),
-    ("retrieval", "retrieval_correct", "{}"),
-    ("FLOPs / exact (live)", "flops_ratio", "{}"),
-    ("replaced actions", "masked_actions", "{}"),
-    ("windows", "windows", "{}"),
+COLUMNS_MD = table_columns(
+    "budget policy seeds mean_kl kl_vs_static verdict kl_vs_cell verdict_vs_cell top1_agreement "
+    "delta_ppl_pct retrieval_correct flops_ratio masked_actions windows",
+    delta_ppl_pct=("Δ ppl %", "{}"),
 )
 
 
@@ -284,10 +273,7 @@ def frontier(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
     """KL paired against the static allocation with its interval, per budget and policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     budgets = list(dict.fromkeys(table["budget"]))
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.5), squeeze=False)
@@ -303,10 +289,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
         ax.set_yticks(y, part["policy"])
         ax.set(xlabel="mean token KL − static_layer (95 % CI)", title=f"budget {budget:g}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

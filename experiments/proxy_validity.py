@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents.proxy import PROXIES, cached_proxies, correlations, live_change, schedules
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -46,14 +46,10 @@ from harness.runs import (
 )
 
 KEY = ("window", "schedule")
-COLUMNS_MD = (
-    ("fidelity term", "term", "{}"),
-    ("predicted damage", "proxy", "{}"),
-    ("Spearman ρ vs Δlog-ppl", "spearman", "{:.3f}"),
-    ("Pearson r vs Δlog-ppl", "pearson", "{:.3f}"),
-    ("Spearman ρ vs KL", "spearman_kl", "{:.3f}"),
-    ("Pearson r vs KL", "pearson_kl", "{:.3f}"),
-    ("schedules", "schedules", "{}"),
+COLUMNS_MD = table_columns(
+    "term proxy spearman pearson spearman_kl pearson_kl schedules",
+    term=("fidelity term", "{}"),
+    proxy=("predicted damage", "{}"),
 )
 
 
@@ -114,10 +110,7 @@ def smallest_magnitude(values: pd.Series) -> float:
 def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
     """One panel per term and live target: predicted damage (cached) vs the live damage
     (change of log-perplexity; mean token KL when measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     targets = [("delta_log_ppl", "spearman", "live change of log-perplexity")]
     if "mean_kl" in rows and rows["mean_kl"].notna().all():
@@ -137,10 +130,7 @@ def scatter(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
             ax.set_yscale("symlog", linthresh=smallest_magnitude(rows[target]))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

@@ -29,7 +29,7 @@ import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
 from drrl_env.replay import PERPLEXITY_RTOL, REWARD_ATOL, REWARD_RTOL, replay
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, table_columns
 from harness.runs import (
     RESULT_FREE,
     ArgumentError,
@@ -44,13 +44,9 @@ from harness.runs import (
 
 KEY = ("env_id",)
 """The unit of work of ``spread.csv``: one id, every schedule at every thread count."""
-MARKDOWN_COLUMNS = (
-    ("env", "env_id", "{}"),
-    ("threads", "threads", "{}"),
-    ("schedule", "schedule", "{}"),
-    ("reward max rel", "reward_max_rel", "{:.2e}"),
-    ("reward max abs", "reward_max_abs", "{:.2e}"),
-    ("perplexity rel", "perplexity_rel", "{:.2e}"),
+MARKDOWN_COLUMNS = table_columns(
+    "env_id threads schedule reward_max_rel reward_max_abs perplexity_rel",
+    schedule=("schedule", "{}"),
 )
 """``(header, spread.csv column, format)`` of ``spread.md``."""
 

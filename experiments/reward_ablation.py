@@ -49,7 +49,7 @@ from agents.hyperparams import DISCOUNT
 from drrl_env.envs.config import EnvConfig
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
-from harness.reporting import markdown_from_frame, summary_table
+from harness.reporting import markdown_from_frame, pyplot, save_figure, summary_table, table_columns
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -83,21 +83,10 @@ COLUMNS = (
     "seeds",
     "windows",
 )
-MARKDOWN_COLUMNS = (
-    ("beta", "beta", "{:g}"),
-    ("gamma", "gamma", "{:g}"),
-    ("reward terms", "terms", "{}"),
-    ("mean rank", "mean_rank", "{:.1f}"),
-    ("FLOPs reduction", "flops_reduction_pct", "{:.1f} %"),
-    ("± (seeds)", "flops_reduction_pct_std", "{:.1f}"),
-    ("fidelity", "mean_fidelity", "{:.4f}"),
-    ("± (seeds)", "mean_fidelity_std", "{:.4f}"),
-    ("perturbation", "mean_perturbation", "{:.3f}"),
-    ("return (own weights)", "return", "{:.2f}"),
-    ("perplexity", "perplexity", "{:.2f}"),
-    ("Δ ppl vs full", "delta_ppl_pct", "{:+.2f} %"),
-    ("seeds", "seeds", "{}"),
-    ("windows", "windows", "{}"),
+MARKDOWN_COLUMNS = table_columns(
+    "beta gamma terms mean_rank flops_reduction_pct flops_reduction_pct_std mean_fidelity "
+    "mean_fidelity_std mean_perturbation return perplexity delta_ppl_pct seeds windows",
+    **{"return": ("return (own weights)", "{:.2f}")},
 )
 """``(header, ablation.csv column, format)`` of ``ablation.md``."""
 
@@ -262,10 +251,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     """FLOPs reduction against fidelity, one labelled point per setting (± over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     seen: dict[tuple[float, float], int] = {}  # labels of coinciding points are stacked
@@ -291,10 +277,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_ylabel("executed attention-FLOPs reduction (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args: Args) -> Path:

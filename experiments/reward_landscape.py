@@ -28,7 +28,7 @@ import tyro
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import GreedyOraclePolicy, evaluate_policy_on_windows, make_baseline
 from drrl_env.envs.config import SPLITS
-from harness.reporting import markdown_from_frame
+from harness.reporting import markdown_from_frame, table_columns
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -40,13 +40,9 @@ from harness.runs import (
 
 KEY = ("policy",)
 """The unit of work of ``landscape.csv``: one policy on every window of the split."""
-MARKDOWN_COLUMNS = (
-    ("policy", "policy", "{}"),
-    ("return", "return", "{:.2f}"),
-    ("fidelity", "mean_fidelity", "{:.3f}"),
-    ("FLOPs reduction", "flops_reduction_pct", "{:.1f} %"),
-    ("mean rank", "mean_rank", "{:.1f}"),
-    ("distinct ranks", "distinct_ranks", "{}"),
+MARKDOWN_COLUMNS = table_columns(
+    "policy return mean_fidelity flops_reduction_pct mean_rank distinct_ranks",
+    mean_fidelity=("fidelity", "{:.3f}"),
 )
 """``(header, landscape.csv column, format)`` of ``landscape.md``."""
 

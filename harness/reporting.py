@@ -4,7 +4,8 @@ Every number here is computed from the per-window CSV rows of
 :func:`agents.evaluation.evaluate_policy_on_windows`; the Markdown table is generated from
 the summary frame, never typed. :func:`pareto_front` marks the non-dominated points of a
 frame, :func:`front_plot` draws a baseline front with agents on the same axes, and
-:func:`markdown_from_frame` renders any frame read back from a CSV.
+:func:`markdown_from_frame` renders any frame read back from a CSV, with the columns
+:func:`table_columns` names (one header and format per quantity, :data:`COLUMN_STYLES`).
 """
 
 from __future__ import annotations
@@ -247,10 +248,7 @@ def ppl_axes(ax, delta_ppl_pct: pd.Series) -> None:
 
 def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
     """Executed attention-FLOPs reduction vs perplexity increase, one panel per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(dict.fromkeys(summary["method"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
@@ -287,7 +285,7 @@ def pareto_plot(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(f"method = {method}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(
@@ -351,7 +349,97 @@ def undominated_by(
     return result
 
 
-def markdown_from_frame(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
+Column = tuple[str, str, str]
+"""``(header, CSV column, format)`` of a Markdown table; ``format`` is a ``str.format``
+pattern such as ``"{:.2f}"``."""
+
+COLUMN_STYLES: dict[str, tuple[str, str]] = {
+    "kind": ("kind", "{}"),
+    "family": ("family", "{}"),
+    "policy": ("policy", "{}"),
+    "budget": ("budget", "{:g}"),
+    "beta": ("beta", "{:g}"),
+    "gamma": ("gamma", "{:g}"),
+    "rank": ("rank", "{}"),
+    "seeds": ("seeds", "{}"),
+    "windows": ("windows", "{}"),
+    "threads": ("threads", "{}"),
+    "mean_kl": ("mean token KL", "{}"),
+    "kl_vs_static": ("KL − static_layer", "{}"),
+    "verdict": ("verdict", "{}"),
+    "top1_agreement": ("top-1 agreement", "{}"),
+    "retrieval_correct": ("retrieval", "{}"),
+    "perplexity": ("perplexity", "{:.2f}"),
+    "delta_ppl_pct": ("Δ ppl vs full", "{:+.2f} %"),
+    "delta_ppl_pct_std": ("± (seeds)", "{:.2f}"),
+    "flops_reduction_pct": ("FLOPs reduction", "{:.1f} %"),
+    "flops_reduction_pct_std": ("± (seeds)", "{:.1f}"),
+    "flops_ratio": ("FLOPs / exact (live)", "{}"),
+    "mean_rank": ("mean rank", "{:.1f}"),
+    "mean_fidelity": ("fidelity", "{:.4f}"),
+    "mean_fidelity_std": ("± (seeds)", "{:.4f}"),
+    "mean_perturbation": ("perturbation", "{:.3f}"),
+    "return": ("return", "{:.2f}"),
+    "kl_vs_cell": ("KL − static_cell", "{}"),
+    "verdict_vs_cell": ("verdict", "{}"),
+    "masked_actions": ("replaced actions", "{}"),
+    "attention_gflops": ("attention GFLOPs", "{:.3f}"),
+    "pareto": ("non-dominated", "{}"),
+    "undominated_by_baselines": ("beyond baselines", "{}"),
+    "size": ("seeds × windows", "{}"),
+    "distinct_ranks": ("distinct ranks", "{}"),
+    "terms": ("reward terms", "{}"),
+    "schedules": ("schedules", "{}"),
+    "spearman": ("Spearman ρ vs Δlog-ppl", "{:.3f}"),
+    "pearson": ("Pearson r vs Δlog-ppl", "{:.3f}"),
+    "spearman_kl": ("Spearman ρ vs KL", "{:.3f}"),
+    "pearson_kl": ("Pearson r vs KL", "{:.3f}"),
+    "env_id": ("env", "{}"),
+    "reward_max_rel": ("reward max rel", "{:.2e}"),
+    "reward_max_abs": ("reward max abs", "{:.2e}"),
+    "perplexity_rel": ("perplexity rel", "{:.2e}"),
+    "L": ("L", "{}"),
+    "kernel": ("kernel", "{}"),
+    "time_ms": ("time (ms)", "{:.3f}"),
+    "time_vs_sdpa": ("time / SDPA", "{:.2f}"),
+    "time_vs_eager": ("time / eager", "{:.2f}"),
+    "gflops": ("GFLOPs", "{:.3f}"),
+    "ceiling_ratio": ("ceiling", "{:.3f}"),
+}
+"""CSV column -> ``(header, format)`` of every column the experiment tables write: the same
+quantity has the same header and format in each table, unless the table overrides it (the
+FLOPs ratio of a live episode and of one kernel call are different quantities)."""
+
+
+def table_columns(names: str, **overrides: tuple[str, str]) -> tuple[Column, ...]:
+    """The columns of a Markdown table, in order, by CSV column name.
+
+    Args:
+        names: CSV columns separated by spaces, in the table's order.
+        overrides: ``column=(header, format)`` for a column this table writes differently
+            from :data:`COLUMN_STYLES` or that is not in it.
+
+    Raises:
+        ValueError: A column with no style here nor in ``overrides``, a repeated column, or
+            an override of a column not in ``names``.
+    """
+    columns = names.split()
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"table_columns: repeated column in {names!r}")
+    unused = set(overrides) - set(columns)
+    if unused:
+        raise ValueError(f"table_columns: overrides of columns not in the table: {sorted(unused)}")
+    table = []
+    for column in columns:
+        style = overrides.get(column, COLUMN_STYLES.get(column))
+        if style is None:
+            raise ValueError(f"table_columns: no header and format for column {column!r}")
+        header, pattern = style
+        table.append((header, column, pattern))
+    return tuple(table)
+
+
+def markdown_from_frame(frame: pd.DataFrame, columns: Sequence[Column]) -> str:
     """A Markdown table of ``frame``, one row per row, columns chosen and formatted.
 
     Args:
@@ -395,10 +483,7 @@ def front_plot(front: pd.DataFrame, path: str | Path, title: str) -> Path:
     dashed one; agents are squares with their standard deviation over seeds; the
     non-dominated points of all rows are ringed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     styles = {"static": ("o-", "grey", "static ranks"), "energy": ("^--", "tab:blue", "energy")}
@@ -440,7 +525,7 @@ def front_plot(front: pd.DataFrame, path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _error(value: object) -> float | None:
@@ -450,8 +535,18 @@ def _error(value: object) -> float | None:
     return float(value)
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` and release it."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only: no display is needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (120 dpi) and release it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

@@ -13,6 +13,7 @@ from harness.reporting import (
     markdown_from_frame,
     pareto_front,
     ppl_axis_scale,
+    table_columns,
     undominated_by,
 )
 
@@ -77,6 +78,35 @@ def test_markdown_from_frame_formats_and_marks_missing_cells():
         "| a | 1.23 | True |",
         "| b | n/a | False |",
     ]
+
+
+def test_table_columns_take_the_shared_styles_unless_overridden():
+    columns = table_columns("policy mean_kl delta_ppl_pct size", size=("n", "{:d}"))
+    assert columns == (
+        ("policy", "policy", "{}"),
+        ("mean token KL", "mean_kl", "{}"),
+        ("Δ ppl vs full", "delta_ppl_pct", "{:+.2f} %"),
+        ("n", "size", "{:d}"),
+    )
+    frame = pd.DataFrame(
+        {"policy": ["a"], "mean_kl": ["1e-3"], "delta_ppl_pct": [0.5], "size": [3]}
+    )
+    assert markdown_from_frame(frame, columns).splitlines()[2] == "| a | 1e-3 | +0.50 % | 3 |"
+    # the same quantity reads the same in every table that names it
+    assert table_columns("budget")[0] == ("budget", "budget", "{:g}")
+
+
+@pytest.mark.parametrize(
+    ("names", "overrides", "message"),
+    [
+        ("policy size", {}, "no header and format for column 'size'"),
+        ("policy policy", {}, "repeated column"),
+        ("policy", {"size": ("n", "{}")}, "columns not in the table: ['size']"),
+    ],
+)
+def test_table_columns_refuse_unknown_repeated_and_stray_columns(names, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        table_columns(names, **overrides)
 
 
 def test_front_plot_writes_a_png(tmp_path):

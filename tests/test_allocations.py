@@ -156,13 +156,18 @@ def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
+def _skip_without_wikitext() -> None:
+    """The mix needs WikiText-2 on disk (its prose and passkey filler)."""
     from drrl_env.data import DataNotFoundError, resolve_source
 
     try:
         resolve_source("mix")
     except DataNotFoundError:
         pytest.skip("no local WikiText-2")
+
+
+def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
+    _skip_without_wikitext()
     args = [
         "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
         "--eval-windows", "3", "--evaluations", "10", "--out-dir", str(tmp_path),
@@ -210,12 +215,7 @@ def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
 
 def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
     """``--eval-corpus passkey``: fitted on the mix's train windows, scored on passkey ones."""
-    from drrl_env.data import DataNotFoundError, resolve_source
-
-    try:
-        resolve_source("mix")
-    except DataNotFoundError:
-        pytest.skip("no local WikiText-2")
+    _skip_without_wikitext()
     args = [
         "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
         "--eval-windows", "2", "--evaluations", "4", "--eval-corpus", "passkey",
