@@ -22,6 +22,8 @@ Schedules are (S, L) action tables:
   each allowed ``evaluations`` evaluations of a candidate on the train windows.
 - :func:`per_window_optimum`: the exact knapsack over the cells of one window, with that
   window's own values and costs (not deployable: the ceiling of adaptivity).
+
+:func:`measurements` reads both arrays from a cached env.
 """
 
 from __future__ import annotations
@@ -30,9 +32,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agents.budget_baselines import knapsack
+from agents.budget_baselines import fidelity_values, knapsack, realised_costs
 
 FEASIBLE_SLACK = 1e-9
+
+
+def measurements(env) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, costs)`` of every window of a cached env, each (W, S, L, A): the env's
+    fidelity term and the FLOPs each action realised, as a fraction of an episode's exact
+    attention FLOPs.
+
+    Raises:
+        ValueError: The env's backend is not the cached one.
+    """
+    base = env.unwrapped
+    return fidelity_values(base), realised_costs(base) / base.episode_full_flops
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,11 @@ from agents.allocations import (
     best_uniform,
     global_mass_rule,
     greedy_search,
+    measurements,
     per_window_optimum,
     random_search,
     static_per_layer,
 )
-from agents.budget_baselines import realised_costs
 from drrl_env.data import corpus_names
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.data.sources import DEFAULT_CORPUS
@@ -183,15 +183,6 @@ def window_kinds(env: gym.Env, n_windows: int) -> np.ndarray:
     if corpus == "mix":
         return np.array([MIX_KINDS[i % len(MIX_KINDS)] for i in range(n_windows)])
     return np.array([corpus] * n_windows)
-
-
-def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """(values, costs), each (W, S, L, A): cached cosine and realised FLOPs per cell as a
-    fraction of an episode's exact attention FLOPs."""
-    base = env.unwrapped
-    values = base.rollout("cosine").astype(np.float64)
-    episode_full = float(base.costs.full.sum() * base.n_layers)
-    return values, realised_costs(base) / episode_full
 
 
 def rule_candidates(env: gym.Env, rank: int) -> np.ndarray:

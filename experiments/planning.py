@@ -51,8 +51,7 @@ import tyro
 from tqdm import tqdm
 
 from agents import load_agent, make_agent, save_agent
-from agents.allocations import Problem, per_window_optimum, static_per_layer
-from agents.budget_baselines import fidelity_values, realised_costs
+from agents.allocations import Problem, measurements, per_window_optimum, static_per_layer
 from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
@@ -148,13 +147,6 @@ class Args(RunArgs):
             "damage_scale": self.damage_scale,
             "reward_at_end": self.reward_at_end,
         }
-
-
-def measurements(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """(values, costs), each (W, S, L, A): the cached fidelity term and the realised FLOPs
-    per cell as a fraction of an episode's exact attention FLOPs."""
-    base = env.unwrapped
-    return fidelity_values(base), realised_costs(base) / base.episode_full_flops
 
 
 def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:

@@ -205,3 +205,24 @@ def test_realised_costs_of_a_static_method_are_its_cost_table(envs):
     for layer in range(base.n_layers):
         np.testing.assert_array_equal(costs[:, :, layer, :], np.broadcast_to(
             base.costs.executed, costs[:, :, layer, :].shape))  # fmt: skip
+
+
+def test_allocation_measurements_are_the_fidelity_and_realised_flops_per_episode(topp_envs):
+    """What the allocations read: the cosine term and realised FLOPs / exact episode FLOPs."""
+    from agents.allocations import measurements
+
+    _, held_out = topp_envs
+    base = held_out.unwrapped
+    values, costs = measurements(held_out)
+    assert values.dtype == costs.dtype == np.float64
+    np.testing.assert_array_equal(values, base.rollout("cosine").astype(np.float64))
+    episode_full = float(base.costs.full.sum() * base.n_layers)
+    np.testing.assert_allclose(costs, base.rollout("flops") / episode_full, rtol=1e-15)
+    # exact attention keeps every causal key: it realises its cost table's entry (its bound)
+    exact = base.actions.full_action
+    expected = base.costs.executed[:, exact] / episode_full  # (S,)
+    np.testing.assert_allclose(costs[..., exact], np.broadcast_to(
+        expected[None, :, None], costs.shape[:3]), rtol=1e-12)  # fmt: skip
+    live = gym.make("DRRL-Tiny-TopP-Budget-v0", cache_dir=base.config.cache_dir, backend="live")
+    with pytest.raises(ValueError, match="cached"):
+        measurements(live)
