@@ -18,7 +18,9 @@ Sections (``--sections``, all by default):
   environment closed loop. Each window's first episode also runs one exact pass for the
   KL reference; the warm-up episode pays it, the timed ones do not.
 
-Writes ``env_steps.csv`` and ``env_steps.md`` under ``out_dir`` and prints the table.
+Writes ``env_steps.csv``, ``env_steps.md`` and ``config.json`` in the run folder
+``<out_dir>/<run_name>`` (``results/benchmarks/env_steps`` by default) and prints the table.
+A folder that holds a run is refused unless ``--overwrite`` is given.
 
     python benchmarks/env_steps.py                                  # DRRL-Wikitext ids
     python benchmarks/env_steps.py --env-id DRRL-Tiny-v0 --live-methods calibrated topk
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -38,18 +40,19 @@ import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
-from harness.runs import ArgumentError, run_main
+from harness.runs import ArgumentError, RunArgs, run_main
 
 COLUMNS = ("section", "setup", "copies", "value", "unit", "note")
+SECTIONS = ("single", "vector", "memory", "live")
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Throughput and memory of the environment; cost of a live episode."""
 
     env_id: str = "DRRL-Wikitext-v0"
     """Registered id of the cached sections (its cache is built first if missing)."""
-    sections: tuple[str, ...] = ("single", "vector", "memory", "live")
+    sections: tuple[str, ...] = SECTIONS
     """Which measurements to run."""
     copies: tuple[int, ...] = (1, 2, 4)
     """Numbers of environment copies of the vector and memory sections."""
@@ -68,10 +71,23 @@ class Args:
     """Torch threads (the live section runs the model)."""
     seed: int = 0
     """Seed of the random actions."""
-    out_dir: Path = Path("results/benchmarks")
-    """Where env_steps.csv and env_steps.md are written."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device of the model."""
+    out_dir: str = "results/benchmarks"
+    """Parent folder of the run folder."""
+    run_name: str = "env_steps"
+    """Run folder inside out_dir."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sections) - set(SECTIONS)
+        if unknown:
+            raise ArgumentError(
+                f"unknown sections {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
+            )
+        if self.resume:
+            raise ArgumentError(
+                "a benchmark is not resumed: its numbers are compared side by side within "
+                "one run; use --overwrite to measure again"
+            )
+        super().__post_init__()
 
 
 def make_vector(args: Args, copies: int, mode: str):
@@ -232,11 +248,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(args: Args) -> Path:
     """Run the sections, write the CSV and the Markdown."""
-    unknown = set(args.sections) - {"single", "vector", "memory", "live"}
-    if unknown:
-        raise ArgumentError(
-            f"unknown sections {sorted(unknown)}; sections: single, vector, memory, live"
-        )
+    folder = args.run_folder()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if set(args.sections) - {"live"}:  # the cached sections need the rollout cache first
@@ -258,18 +270,19 @@ def main(args: Args) -> Path:
             )
     if "live" in args.sections:
         rows += live_rows(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = folder.prepare(asdict(args), torch=torch.__version__)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    table.to_csv(args.out_dir / "env_steps.csv", index=False)
+    table.to_csv(out / "env_steps.csv", index=False)
     header = (
         f"{args.env_id}, {args.threads} torch thread(s), device {args.device}, torch "
         f"{torch.__version__}; {args.steps:,} steps per copy in the vector section; "
         f"{time.perf_counter() - started:.0f} s in all.\n\n"
     )
-    text = header + markdown(pd.read_csv(args.out_dir / "env_steps.csv"))
-    (args.out_dir / "env_steps.md").write_text(text)
+    text = header + markdown(pd.read_csv(out / "env_steps.csv"))
+    (out / "env_steps.md").write_text(text)
+    folder.update_config(wall_s=time.perf_counter() - started)
     print(text)
-    return args.out_dir / "env_steps.csv"
+    return out / "env_steps.csv"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ cost depends on the input (``topp``) counts what its last timed call executed
 exact attention on the same inputs (random Q/K have a flat spectrum: it says nothing of a
 trained model's fidelity).
 
-Writes ``kernel_flops_<device type>.csv`` and ``.md`` under ``out_dir``, prints the table.
+Writes ``kernel_flops_<device type>.csv``, ``.md`` and ``config.json`` in the run folder
+``<out_dir>/<run_name>`` (``results/benchmarks/kernel_flops_<device type>`` by default) and
+prints the table. A folder that holds a run is refused unless ``--overwrite`` is given.
 
 Example:
     python benchmarks/kernel_flops.py --lengths 512 1024 --repeats 3
@@ -39,7 +41,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +59,7 @@ from drrl_env.lm.kernel_timing import (
 )
 from drrl_env.lm.measure import output_cosine
 from drrl_env.methods.base import CallShape
-from harness.runs import ArgumentError, check_device, run_main
+from harness.runs import ArgumentError, RunArgs, check_device, run_main
 
 REALISED = "flops realised by the timed call"
 """The note of a row whose FLOPs depend on the input (the method's executed count)."""
@@ -96,7 +98,7 @@ DEFAULT_SPECS = (
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(RunArgs):
     """Single-layer attention benchmark: wall time and executed FLOPs per kernel and path."""
 
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
@@ -123,10 +125,23 @@ class Args:
     """Skip kernels whose dense (H, L, L) float32 tensors need more memory than this."""
     seed: int = 0
     """Seed of the random Q/K/V and of the calibrated bases."""
-    out_dir: Path = Path("results/benchmarks")
-    """Where kernel_flops_<device type>.csv and .md are written."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """Torch device (cuda when present, else cpu)."""
+    out_dir: str = "results/benchmarks"
+    """Parent folder of the run folder."""
+    run_name: str | None = None
+    """Run folder inside out_dir (default ``kernel_flops_<device type>``)."""
+    threads: int | None = None
+    """Torch threads (default: torch's own choice)."""
+
+    def __post_init__(self) -> None:
+        if self.resume:
+            raise ArgumentError(
+                "a benchmark is not resumed: timings are compared side by side within one "
+                "run; use --overwrite to measure again"
+            )
+        if self.run_name is None:
+            check_device(self.device)
+            object.__setattr__(self, "run_name", f"kernel_flops_{torch.device(self.device).type}")
+        super().__post_init__()
 
 
 def parse_spec(text: str) -> KernelSpec:
@@ -265,7 +280,7 @@ def markdown_from_csv(csv_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args: Args) -> None:
+def main(args: Args) -> Path:
     """Run the benchmark, write the CSV and Markdown, print the table."""
     if args.heads % args.kv_heads:
         raise ArgumentError(f"kv_heads={args.kv_heads} must divide heads={args.heads}")
@@ -274,11 +289,13 @@ def main(args: Args) -> None:
             parse_spec(text)
         except ValueError as error:
             raise ArgumentError(str(error)) from None
-    check_device(args.device)
+    folder = args.run_folder()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device_type = torch.device(args.device).type
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out_dir / f"kernel_flops_{device_type}.csv"
+    out = folder.prepare(asdict(args), torch=torch.__version__, device_type=device_type)
+    csv_path = out / f"kernel_flops_{device_type}.csv"
 
     def write(rows: list[dict]) -> str:
         write_csv(rows, csv_path)
@@ -292,10 +309,12 @@ def main(args: Args) -> None:
             f"on random Q/K/V. Total wall time {time.perf_counter() - started:.0f} s.\n\n"
         )
         markdown = header + markdown_from_csv(csv_path)
-        (args.out_dir / f"kernel_flops_{device_type}.md").write_text(markdown)
+        (out / f"kernel_flops_{device_type}.md").write_text(markdown)
         return markdown
 
     print(write(benchmark(args, on_length=write)))
+    folder.update_config(wall_s=time.perf_counter() - started, threads_used=torch.get_num_threads())
+    return csv_path
 
 
 if __name__ == "__main__":

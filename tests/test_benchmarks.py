@@ -6,6 +6,7 @@ the SDPA row's ratio of 1, and the agreement of a fast path with its reference p
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -29,7 +30,8 @@ def test_kernel_flops_writes_every_length_and_kernel(tmp_path, cache):
     args = ["--lengths", "64", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"]
     args += ["--kernels", *KERNELS, "--warmup", "0", "--repeats", "1", "--device", "cpu"]
     run_script("benchmarks/kernel_flops.py", [*args, "--out-dir", str(tmp_path)], cache)
-    table = pd.read_csv(tmp_path / "kernel_flops_cpu.csv")
+    folder = tmp_path / "kernel_flops_cpu"  # the run folder's default name has the device
+    table = pd.read_csv(folder / "kernel_flops_cpu.csv")
     assert len(table) == 2 * (2 + len(KERNELS))  # sdpa and full at each length, then the specs
     assert set(table["L"]) == {64, 128}
     assert (table.loc[table["kernel"] == "sdpa", "time_vs_sdpa"] == 1).all()
@@ -53,8 +55,21 @@ def test_kernel_flops_writes_every_length_and_kernel(tmp_path, cache):
         bound = upper / full_attention_flops(length, length, 16, 2).total
         realised = topp.loc["fast", "flops_vs_full"]
         assert realised == pytest.approx(bound) if length == 64 else realised < 0.95 * bound
-    markdown = (tmp_path / "kernel_flops_cpu.md").read_text()
+    markdown = (folder / "kernel_flops_cpu.md").read_text()
     assert len(re.findall(r"^\| (64|128) \|", markdown, flags=re.M)) == len(table)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["args"]["lengths"] == [64, 128] and config["args"]["kernels"] == KERNELS
+    assert config["args"]["run_name"] == "kernel_flops_cpu" and config["wall_s"] > 0
+    # a second run into the same folder is refused, and timings are never resumed
+    for extra, message in [([], "already holds a run"), (["--resume"], "is not resumed")]:
+        again = run_script(
+            "benchmarks/kernel_flops.py",
+            [*args, "--out-dir", str(tmp_path), *extra],
+            cache,
+            check=False,
+        )
+        assert again.returncode == 2 and message in again.stderr, again.stderr[-2000:]
+    assert pd.read_csv(folder / "kernel_flops_cpu.csv").equals(table)
 
 
 def test_kernel_flops_refuses_a_bad_spec_before_timing(tmp_path, cache):
@@ -67,14 +82,15 @@ def test_kernel_flops_refuses_a_bad_spec_before_timing(tmp_path, cache):
     assert result.returncode == 2  # an argument error: its message, no traceback
     assert "error: kernel 'topk:8:fast' is not method:rank:keep:path" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "kernel_flops_cpu.csv").exists()
+    assert not (tmp_path / "kernel_flops_cpu").exists()
 
 
 def test_env_steps_sections(tmp_path, cache):
     args = ["--env-id", "DRRL-Tiny-v0", "--copies", "1", "2", "--steps", "50"]
     args += ["--live-methods", "calibrated", "--live-repeats", "1", "--max-windows", "2"]
     run_script("benchmarks/env_steps.py", [*args, "--out-dir", str(tmp_path)], cache)
-    table = pd.read_csv(tmp_path / "env_steps.csv")
+    folder = tmp_path / "env_steps"
+    table = pd.read_csv(folder / "env_steps.csv")
     single = table[table["section"] == "single"]
     assert len(single) == 1 and single["value"].iloc[0] > 0
     vector = table[table["section"] == "vector"]
@@ -93,7 +109,9 @@ def test_env_steps_sections(tmp_path, cache):
         (seconds,) = [v for k, v in live.items() if k.startswith(f"calibrated episode, {label} (")]
         ratio = live[f"calibrated episode, {label} / SDPA forward"]
         assert ratio == pytest.approx(seconds / sdpa)
-    assert (tmp_path / "env_steps.md").read_text().count("\n| live |") == len(live)
+    assert (folder / "env_steps.md").read_text().count("\n| live |") == len(live)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["args"]["env_id"] == "DRRL-Tiny-v0" and config["args"]["steps"] == 50
 
 
 def test_env_steps_refuses_an_unknown_section(tmp_path, cache):
@@ -104,5 +122,6 @@ def test_env_steps_refuses_an_unknown_section(tmp_path, cache):
         check=False,
     )
     assert result.returncode == 2
-    assert "error: unknown sections ['vectors']" in result.stderr
+    assert "unknown sections ['vectors']" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "env_steps").exists()
