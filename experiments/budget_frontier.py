@@ -27,14 +27,28 @@ import tyro
 
 from agents.compare import Args as CompareArgs
 from agents.compare import main as compare
-from harness.reporting import markdown_from_frame, ppl_axes, pyplot, save_figure, table_columns
+from harness.reporting import (
+    interval_cell,
+    markdown_from_frame,
+    ppl_axes,
+    pyplot,
+    save_figure,
+    table_columns,
+)
 from harness.runs import RESULT_FREE, ArgumentError, RunArgs, check_unique, run_main
 
 FRONTIER_COLUMNS = table_columns(
-    "budget policy delta_ppl_pct delta_ppl_pct_std flops_ratio mean_fidelity seeds windows",
+    "budget policy mean_kl_interval kl_vs_reference_interval verdict top1_interval "
+    "delta_ppl_pct delta_ppl_pct_std flops_ratio mean_fidelity seeds windows",
     flops_ratio=("executed FLOPs / exact", "{:.3f}"),
 )
 """``(header, CSV column, format)`` of the Markdown table."""
+INTERVALS = (
+    ("mean_kl_interval", "mean_kl", True),
+    ("top1_interval", "top1_agreement", False),
+    ("kl_vs_reference_interval", "kl_vs_reference", True),
+)
+"""(table column, summary column, scientific) of the quality cells with their intervals."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +121,15 @@ class Args(RunArgs):
 
 
 def frontier(summaries: dict[float, pd.DataFrame]) -> pd.DataFrame:
-    """One row per (budget, policy): the summary's numbers and the executed FLOPs ratio."""
+    """One row per (budget, policy): the summary's numbers, the executed FLOPs ratio, and
+    token KL, top-1 agreement and KL paired against the static allocation, each as its
+    value with the 95 % interval (``n/a`` in runs made before KL was measured)."""
     frames = []
     for budget, summary in summaries.items():
         frame = summary.assign(budget=budget, flops_ratio=1 - summary["flops_reduction_pct"] / 100)
+        rows = [row for _, row in frame.iterrows()]
+        for column, name, scientific in INTERVALS:
+            frame[column] = [interval_cell(row, name, scientific) for row in rows]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 

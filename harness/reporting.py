@@ -154,13 +154,16 @@ def _cell(value: float, std: float | None, digits: int) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}"
 
 
-def _interval_cell(row: pd.Series, name: str, scientific: bool = False) -> str:
+def interval_cell(row: pd.Series, name: str, scientific: bool = False) -> str:
+    """``row[name]`` with its 95 % interval (``<name>_low``, ``<name>_high``), or ``n/a``."""
     from harness.statistics import Interval
 
     value = row.get(name)
     if value is None or not np.isfinite(value):
         return "n/a"
     low, high = row.get(f"{name}_low", np.nan), row.get(f"{name}_high", np.nan)
+    if not (np.isfinite(low) and np.isfinite(high)):  # no interval (fewer than 2 samples)
+        return f"{value:{'.2e' if scientific else '.3g'}}"
     return Interval(float(value), float(low), float(high), 2).format(scientific=scientific)
 
 
@@ -194,13 +197,13 @@ def markdown_table(summary: pd.DataFrame) -> str:
         if quality:
             verdict = row.get("verdict")
             reference = row.get("reference")
-            versus = _interval_cell(row, "kl_vs_reference", scientific=True)
+            versus = interval_cell(row, "kl_vs_reference", scientific=True)
             if versus != "n/a" and isinstance(reference, str):
                 versus = f"{versus} (vs {reference})"
             line += (
-                f" {_interval_cell(row, 'mean_kl', scientific=True)} "
-                f"| {_interval_cell(row, 'top1_agreement')} "
-                f"| {_interval_cell(row, 'retrieval_accuracy')} "
+                f" {interval_cell(row, 'mean_kl', scientific=True)} "
+                f"| {interval_cell(row, 'top1_agreement')} "
+                f"| {interval_cell(row, 'retrieval_accuracy')} "
                 f"| {versus} | {verdict if isinstance(verdict, str) else 'n/a'} |"
             )
         rows.append(line)
@@ -405,6 +408,9 @@ COLUMN_STYLES: dict[str, tuple[str, str]] = {
     "time_vs_eager": ("time / eager", "{:.2f}"),
     "gflops": ("GFLOPs", "{:.3f}"),
     "ceiling_ratio": ("ceiling", "{:.3f}"),
+    "mean_kl_interval": ("token KL", "{}"),
+    "top1_interval": ("top-1", "{}"),
+    "kl_vs_reference_interval": ("KL − static_allocation", "{}"),
 }
 """CSV column -> ``(header, format)`` of every column the experiment tables write: the same
 quantity has the same header and format in each table, unless the table overrides it (the

@@ -99,9 +99,9 @@ def test_table_columns_take_the_shared_styles_unless_overridden():
 @pytest.mark.parametrize(
     ("names", "overrides", "message"),
     [
-        ("policy size", {}, "no header and format for column 'size'"),
+        ("policy no_such_column", {}, "no header and format for column 'no_such_column'"),
         ("policy policy", {}, "repeated column"),
-        ("policy", {"size": ("n", "{}")}, "columns not in the table: ['size']"),
+        ("policy", {"windows": ("n", "{}")}, "columns not in the table: ['windows']"),
     ],
 )
 def test_table_columns_refuse_unknown_repeated_and_stray_columns(names, overrides, message):

@@ -50,7 +50,21 @@ def test_every_budget_and_policy_is_in_the_frontier_and_within_budget(run_dir):
         full = part[part["policy"] == "full_rank"].iloc[0]
         assert full["flops_ratio"] > budget - 0.1  # asks for exact attention: spends the budget
         assert (run_dir / f"budget_{budget:g}" / "summary.csv").is_file()
+    # token KL, top-1 and the KL paired against the static allocation, with intervals
+    from harness.statistics import Interval
+
+    for row in frontier.itertuples():
+        low, high = row.mean_kl_low, row.mean_kl_high
+        kl = Interval(row.mean_kl, low, high, 2).format(scientific=True)
+        assert row.mean_kl_interval == kl and row.mean_kl >= 0 and low <= row.mean_kl <= high
+        top1 = Interval(row.top1_agreement, row.top1_agreement_low, row.top1_agreement_high, 2)
+        assert row.top1_interval == top1.format() and 0 <= row.top1_agreement <= 1
+        if row.policy == "static_allocation":
+            assert pd.isna(row.kl_vs_reference_interval) and pd.isna(row.verdict)  # "n/a"
+        else:
+            assert row.verdict in {"lower KL", "higher KL", "no difference"}
     table = (run_dir / "frontier.md").read_text()
+    assert table.startswith("| budget | policy | token KL | KL − static_allocation | verdict |")
     assert table.count("\n") == len(frontier) + 2  # header, rule, one line per row
     assert (run_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
