@@ -47,22 +47,21 @@ def allowed_keys(mask: torch.Tensor | None, batch: int, queries: int, keys: int)
     return (mask > threshold).sum(dim=-1).expand(batch, 1, queries).long()
 
 
-class TopKMethod(KVHeadCalibratedMethod):
-    """Rank-r selection scores choose each query's keys; exact attention on those only.
+class SelectingMethod(KVHeadCalibratedMethod):
+    """Base of the methods whose rank-r scores only select keys (``topk``, ``topp``,
+    ``topk-block``): the scores use the fixed rotated bases of ``calibrated-kv``, and exact
+    attention runs on the selected keys.
 
     Args:
         head_dim: Head dimension ``d``.
         n_layers: Attention layers.
         basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated-kv``).
-        min_keys: Fewest keys a query attends.
-        query_chunk: Queries gathered together.
+        min_keys: Fewest keys a query attends (all of them when it has fewer).
+        query_chunk: Queries selected (and attended) together.
     """
 
-    name = "topk"
     low_rank_scores = False
-    description = "rank-r scores pick keep x the segment's keys per query; exact attention on them"
     uses_keep = True
-    version = 2  # keep is a fraction of the segment's keys by default
     dense_fast_path = False
     """The kernel the model runs never builds (H, T, N) tensors."""
 
@@ -73,11 +72,26 @@ class TopKMethod(KVHeadCalibratedMethod):
         basis: torch.Tensor | None = None,
         min_keys: int = MIN_KEYS,
         query_chunk: int = QUERY_CHUNK,
-        keep_of: str = "window",
     ) -> None:
         super().__init__(head_dim, n_layers, basis)
         self.min_keys = check_option("min_keys", min_keys)
         self.query_chunk = check_option("query_chunk", query_chunk)
+
+
+class TopKMethod(SelectingMethod):
+    """Rank-r selection scores choose each query's keys; exact attention on those only.
+
+    Args:
+        head_dim, n_layers, basis, min_keys, query_chunk: As for :class:`SelectingMethod`.
+        keep_of: What ``keep`` is a fraction of (:data:`KEEP_OF`).
+    """
+
+    name = "topk"
+    description = "rank-r scores pick keep x the segment's keys per query; exact attention on them"
+    version = 2  # keep is a fraction of the segment's keys by default
+
+    def __init__(self, *args, keep_of: str = "window", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         if keep_of not in KEEP_OF:
             raise ValueError(f"keep_of={keep_of!r} is not one of {KEEP_OF}")
         self.keep_of = keep_of

@@ -49,9 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from drrl_env.flops import FlopsBreakdown
-from drrl_env.methods.base import CallShape, Setting, check_option, repeat_kv
-from drrl_env.methods.calibrated import KVHeadCalibratedMethod
-from drrl_env.methods.topk import MIN_KEYS, QUERY_CHUNK, allowed_keys
+from drrl_env.methods.base import CallShape, Setting, repeat_kv
+from drrl_env.methods.topk import SelectingMethod, allowed_keys
 
 MASS_TARGETS = (0.0, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 """Default mass targets of an environment's grid: the floor (0) and the useful range."""
@@ -66,41 +65,20 @@ def sort_comparisons(keys: int) -> int:
     return (keys - 1).bit_length()
 
 
-class TopPMethod(KVHeadCalibratedMethod):
+class TopPMethod(SelectingMethod):
     """Rank-r estimated attention picks each query's keys holding mass p; exact attention on them.
 
-    Args:
-        head_dim: Head dimension ``d``.
-        n_layers: Attention layers.
-        basis: (layers, kv heads, d, d) calibrated bases (as for ``calibrated-kv``).
-        min_keys: Fewest keys a query attends (all of them when it has fewer).
-        query_chunk: Queries selected (and attended) together.
+    Args: as for :class:`~drrl_env.methods.topk.SelectingMethod`.
     """
 
     name = "topp"
-    low_rank_scores = False
     description = "rank-r estimated attention keeps the fewest keys of mass p; exact on them"
-    uses_keep = True
     keep_allows_zero = True
     static_cost = False
     selects_at_full_rank = True
     """Environment grids offer (d, p) too: exact scores select (the upper bound)."""
     default_keeps = MASS_TARGETS
     """Mass targets of an environment's grid unless ``keeps=`` says otherwise."""
-    dense_fast_path = False
-    """The kernel the model runs never builds (H, T, N) tensors (one query chunk at a time)."""
-
-    def __init__(
-        self,
-        head_dim: int,
-        n_layers: int,
-        basis: torch.Tensor | None = None,
-        min_keys: int = MIN_KEYS,
-        query_chunk: int = QUERY_CHUNK,
-    ) -> None:
-        super().__init__(head_dim, n_layers, basis)
-        self.min_keys = check_option("min_keys", min_keys)
-        self.query_chunk = check_option("query_chunk", query_chunk)
 
     # -- selection (one function for every path, so they keep the same keys) -----------------
 
