@@ -68,6 +68,7 @@ from harness.runs import (
     RunArgs,
     check_budgets,
     check_minimum,
+    check_unique,
     registered_id,
     run_main,
 )
@@ -116,6 +117,9 @@ class Args(RunArgs):
     scored on every train window, from the cached lookups)."""
     rule_rank: int = 16
     """Rank of the selection estimate the global top-p rule uses."""
+    policies: tuple[str, ...] = POLICIES
+    """The policies played (``static_layer``, the reference of the paired differences,
+    always among them)."""
     fit_per_kind: bool = False
     """Fit the deployable schedules on the train windows of each kind apart (they then
     know the kind of text they will read); by default they are fitted once on every train
@@ -131,6 +135,12 @@ class Args(RunArgs):
             self, ("train_windows", "eval_windows", "evaluations", "threads", "rule_rank")
         )
         check_budgets(self.budgets)
+        check_unique("policies", self.policies)
+        for policy in self.policies:
+            if policy not in POLICIES:
+                raise ArgumentError(f"policies: {policy!r} is not one of {POLICIES}")
+        if REFERENCE not in self.policies:
+            raise ArgumentError(f"policies must include {REFERENCE} (the paired reference)")
         if self.eval_corpus is not None and kind_of(self.eval_corpus) not in corpus_names():
             raise ArgumentError(
                 f"eval_corpus: {self.eval_corpus!r} is not a corpus; known: "
@@ -208,6 +218,8 @@ def fitted_schedules(problem: Problem, candidates: np.ndarray, args: Args) -> di
     }
     schedules, notes = {}, {}
     for name, fit in fitters.items():
+        if name not in args.policies:
+            continue
         try:
             schedules[name] = fit()
         except ValueError as error:
@@ -314,6 +326,8 @@ def main(args: Args) -> Path:
             for window in scored:
                 for policy, schedule in schedules.items():
                     plans.append((budget, kind, policy, int(window), schedule))
+                if "per_window_optimum" not in args.policies:
+                    continue
                 try:
                     optimum = per_window_optimum(eval_values[window], eval_costs[window], budget)
                 except ValueError as error:

@@ -219,12 +219,14 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
     args = [
         "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
         "--eval-windows", "2", "--evaluations", "4", "--eval-corpus", "passkey",
+        "--policies", "uniform", "static_layer", "per_window_optimum",
         "--out-dir", str(tmp_path), "--threads", "1",
     ]  # fmt: skip
     result = _run(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.read_csv(tmp_path / "adaptivity" / "episodes.csv")
     assert set(rows["kind"]) == {"passkey"} and set(rows["window_kind"]) == {"passkey"}
+    assert set(rows["policy"]) == {"uniform", "static_layer", "per_window_optimum"}
     assert sorted(set(rows["window"])) == [0, 1]
     assert rows["retrieval_correct"].isin([0.0, 1.0]).all()
     assert rows["retrieval_correct_full"].isin([0.0, 1.0]).all()
@@ -241,6 +243,8 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
         (["--train-windows", "0"], "train_windows must be >= 1"),
         (["--eval-corpus", "poetry"], "eval_corpus: 'poetry' is not a corpus"),
         (["--eval-corpus", "passkey", "--kinds", "prose"], "kinds: 'prose' is not one of"),
+        (["--policies", "uniform", "oracle"], "policies: 'oracle' is not one of"),
+        (["--policies", "uniform"], "policies must include static_layer"),
     ],
 )
 def test_adaptivity_script_refuses_bad_arguments(tmp_path, extra, message) -> None:
