@@ -55,16 +55,21 @@ class GramMethod(AttentionMethod):
         state["vectors"] = vectors.flip(-1)  # (B, H, d, d), by decreasing eigenvalue
         return normalized_energy(values.flip(-1))
 
+    @staticmethod
+    def projected(state, query, key, value, rank: int):
+        """Queries (B, H, T, r), keys (B, H, N, r) in the first ``rank`` eigenvectors, and
+        the values repeated per query head (B, H, N, d)."""
+        groups = query.shape[1] // key.shape[1]
+        basis = state["vectors"][..., :rank]  # (B, H, d, r)
+        query_proj = torch.matmul(query, basis)
+        key_proj = torch.matmul(repeat_kv(key, groups), basis)
+        return query_proj, key_proj, repeat_kv(value, groups)
+
     def reference(self, state, query, key, value, mask, scaling, setting) -> torch.Tensor:
         if setting.is_exact(self.head_dim):
             return super().reference(state, query, key, value, mask, scaling, setting)
-        groups = query.shape[1] // key.shape[1]
-        basis = state["vectors"][..., : setting.rank]  # (B, H, d, r)
-        query_proj = torch.matmul(query, basis)  # (B, H, T, r)
-        key_proj = torch.matmul(repeat_kv(key, groups), basis)  # (B, H, N, r)
-        return lowrank_scores_attention(
-            query_proj, key_proj, repeat_kv(value, groups), mask, scaling
-        )
+        query_proj, key_proj, values = self.projected(state, query, key, value, setting.rank)
+        return lowrank_scores_attention(query_proj, key_proj, values, mask, scaling)
 
     has_fused = True
 
@@ -74,11 +79,8 @@ class GramMethod(AttentionMethod):
 
         if setting.is_exact(self.head_dim):
             return self.attend(state, query, key, value, mask, scaling, setting)
-        groups = query.shape[1] // key.shape[1]
-        basis = state["vectors"][..., : setting.rank]  # (B, H, d, r)
-        query_proj = torch.matmul(query, basis)  # (B, H, T, r)
-        key_proj = torch.matmul(repeat_kv(key, groups), basis)  # (B, H, N, r)
-        return fused_scores_attention(query_proj, key_proj, repeat_kv(value, groups), scaling)
+        query_proj, key_proj, values = self.projected(state, query, key, value, setting.rank)
+        return fused_scores_attention(query_proj, key_proj, values, scaling)
 
     def feature_flops(self, shape: CallShape) -> FlopsBreakdown:
         d, t = shape.head_dim, shape.queries
