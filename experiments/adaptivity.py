@@ -87,7 +87,7 @@ KEY = ("budget", "kind", "policy", "window")
 METRICS = ("mean_kl", "top1_agreement", "delta_ppl_pct", "retrieval_correct", "flops_ratio")
 COLUMNS_MD = table_columns(
     "kind budget policy mean_kl kl_vs_static verdict top1_agreement delta_ppl_pct "
-    "retrieval_correct flops_ratio windows",
+    "retrieval_correct retrieval_vs_exact retrieval_vs_static flops_ratio windows",
     delta_ppl_pct=("Δ ppl", "{}"),
 )
 
@@ -266,8 +266,27 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
                     part.loc[shared, "mean_kl"], reference.loc[shared, "mean_kl"]
                 )
                 row.update(diff.columns("kl_vs_static", scientific=True))
+            row.update(retrieval_differences(part, reference, policy))
             table.append(row)
     return pd.DataFrame(table)
+
+
+def retrieval_differences(part: pd.DataFrame, reference: pd.DataFrame, policy: str) -> dict:
+    """Paired differences of retrieval accuracy over the passkey windows (indexed by window):
+    against exact attention on the same windows, and against ``static_layer``."""
+    scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
+    row = {}
+    if scored.any():
+        answered = part.loc[scored, "retrieval_correct"]
+        exact = paired_difference(answered, part.loc[scored, "retrieval_correct_full"])
+        row["retrieval_vs_exact"] = exact.format()
+        shared = answered.index.intersection(reference.index)
+        if policy != REFERENCE and len(shared):
+            static = paired_difference(
+                answered.loc[shared], reference.loc[shared, "retrieval_correct"]
+            )
+            row["retrieval_vs_static"] = static.format()
+    return row
 
 
 def plot(table: pd.DataFrame, path: Path) -> Path:

@@ -372,6 +372,8 @@ COLUMN_STYLES: dict[str, tuple[str, str]] = {
     "verdict": ("verdict", "{}"),
     "top1_agreement": ("top-1 agreement", "{}"),
     "retrieval_correct": ("retrieval", "{}"),
+    "retrieval_vs_exact": ("retrieval − exact", "{}"),
+    "retrieval_vs_static": ("retrieval − static_layer", "{}"),
     "perplexity": ("perplexity", "{:.2f}"),
     "delta_ppl_pct": ("Δ ppl vs full", "{:+.2f} %"),
     "delta_ppl_pct_std": ("± (seeds)", "{:.2f}"),

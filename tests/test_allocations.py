@@ -232,6 +232,23 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
     assert rows["retrieval_correct_full"].isin([0.0, 1.0]).all()
     config = json.loads((tmp_path / "adaptivity" / "config.json").read_text())
     assert config["args"]["eval_corpus"] == "passkey"
+    # retrieval paired against exact attention and against static_layer, on the same windows
+    from harness.statistics import paired_difference
+
+    table = pd.read_csv(tmp_path / "adaptivity" / "headroom.csv").set_index("policy")
+    static = rows[rows["policy"] == "static_layer"].set_index("window").sort_index()
+    for policy, part in rows.groupby("policy"):
+        part = part.set_index("window").sort_index()
+        exact = paired_difference(part["retrieval_correct"], part["retrieval_correct_full"])
+        assert table.loc[policy, "retrieval_vs_exact"] == exact.format()
+        versus = table.loc[policy, "retrieval_vs_static"]
+        if policy == "static_layer":
+            assert pd.isna(versus)
+        else:
+            diff = paired_difference(part["retrieval_correct"], static["retrieval_correct"])
+            assert versus == diff.format()
+    markdown = (tmp_path / "adaptivity" / "headroom.md").read_text()
+    assert "| retrieval | retrieval − exact | retrieval − static_layer |" in markdown
 
 
 @pytest.mark.parametrize(
