@@ -40,14 +40,14 @@ import torch
 import tyro
 
 import drrl_env  # noqa: F401 (registers the ids)
-from harness.runs import ArgumentError, RunArgs, run_main
+from harness.runs import ArgumentError, BenchmarkArgs, run_main
 
 COLUMNS = ("section", "setup", "copies", "value", "unit", "note")
 SECTIONS = ("single", "vector", "memory", "live")
 
 
 @dataclass(frozen=True)
-class Args(RunArgs):
+class Args(BenchmarkArgs):
     """Throughput and memory of the environment; cost of a live episode."""
 
     env_id: str = "DRRL-Wikitext-v0"
@@ -71,8 +71,6 @@ class Args(RunArgs):
     """Torch threads (the live section runs the model)."""
     seed: int = 0
     """Seed of the random actions."""
-    out_dir: str = "results/benchmarks"
-    """Parent folder of the run folder."""
     run_name: str = "env_steps"
     """Run folder inside out_dir."""
 
@@ -81,11 +79,6 @@ class Args(RunArgs):
         if unknown:
             raise ArgumentError(
                 f"unknown sections {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
-            )
-        if self.resume:
-            raise ArgumentError(
-                "a benchmark is not resumed: its numbers are compared side by side within "
-                "one run; use --overwrite to measure again"
             )
         super().__post_init__()
 

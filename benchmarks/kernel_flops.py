@@ -59,7 +59,7 @@ from drrl_env.lm.kernel_timing import (
 )
 from drrl_env.lm.measure import output_cosine
 from drrl_env.methods.base import CallShape
-from harness.runs import ArgumentError, RunArgs, check_device, run_main
+from harness.runs import ArgumentError, BenchmarkArgs, check_device, run_main
 
 REALISED = "flops realised by the timed call"
 """The note of a row whose FLOPs depend on the input (the method's executed count)."""
@@ -98,7 +98,7 @@ DEFAULT_SPECS = (
 
 
 @dataclass(frozen=True)
-class Args(RunArgs):
+class Args(BenchmarkArgs):
     """Single-layer attention benchmark: wall time and executed FLOPs per kernel and path."""
 
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
@@ -125,19 +125,12 @@ class Args(RunArgs):
     """Skip kernels whose dense (H, L, L) float32 tensors need more memory than this."""
     seed: int = 0
     """Seed of the random Q/K/V and of the calibrated bases."""
-    out_dir: str = "results/benchmarks"
-    """Parent folder of the run folder."""
     run_name: str | None = None
     """Run folder inside out_dir (default ``kernel_flops_<device type>``)."""
     threads: int | None = None
     """Torch threads (default: torch's own choice)."""
 
     def __post_init__(self) -> None:
-        if self.resume:
-            raise ArgumentError(
-                "a benchmark is not resumed: timings are compared side by side within one "
-                "run; use --overwrite to measure again"
-            )
         if self.run_name is None:
             check_device(self.device)
             object.__setattr__(self, "run_name", f"kernel_flops_{torch.device(self.device).type}")

@@ -147,8 +147,7 @@ class Args(RunArgs):
                 f"{', '.join(corpus_names())}"
             )
         if self.kinds is not None:
-            if len(set(self.kinds)) != len(self.kinds):
-                raise ArgumentError("kinds must not repeat")
+            check_unique("kinds", self.kinds)
             allowed = self.allowed_kinds(kwargs)
             for kind in self.kinds:
                 if kind not in allowed:

@@ -97,6 +97,23 @@ class RunArgs:
         return folder
 
 
+@dataclass(frozen=True)
+class BenchmarkArgs(RunArgs):
+    """The run arguments of a benchmark: its ratios are measured side by side in one run, so
+    a run is never resumed (``--overwrite`` measures again)."""
+
+    out_dir: str = "results/benchmarks"
+    """Parent folder of the run folder."""
+
+    def __post_init__(self) -> None:
+        if self.resume:
+            raise ArgumentError(
+                "a benchmark is not resumed: its numbers are compared side by side within "
+                "one run; use --overwrite to measure again"
+            )
+        super().__post_init__()
+
+
 def registered_id(env_id: str, *, cached: bool = False, budgeted: bool = False) -> dict:
     """The ``gym.make`` keywords of the registered id ``env_id``.
 
