@@ -59,6 +59,7 @@ from harness.runs import (
     check_seeds,
     check_unique,
     execute,
+    field_defaults,
     write_atomic,
 )
 
@@ -580,6 +581,7 @@ def main(args: Args) -> Path:
         overwrite=args.overwrite,
         resume=args.resume,
         ignored=NOT_RESULTS,
+        defaults=field_defaults(Args),
     )
     folder.check(asdict(args))  # before loading anything
     torch.set_num_threads(args.threads)

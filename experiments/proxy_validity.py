@@ -41,6 +41,7 @@ from harness.runs import (
     RunFolder,
     check_device,
     check_minimum,
+    field_defaults,
     registered_id,
     run_main,
 )
@@ -140,6 +141,7 @@ def main(args: Args) -> Path:
         overwrite=args.overwrite,
         resume=args.resume,
         ignored=("out_dir", "run_name", "overwrite", "resume", "threads"),
+        defaults=field_defaults(Args),
     )
     folder.check(asdict(args))
     torch.set_num_threads(args.threads)

@@ -55,6 +55,7 @@ from harness.runs import (
     RunFolder,
     check_device,
     check_unique,
+    field_defaults,
     run_main,
 )
 
@@ -358,7 +359,11 @@ def row_from_record(record: dict) -> Row:
 def main(args: Args) -> Path:
     """Validate, open ``out_dir``, run the configurations it does not hold, write the table."""
     folder = RunFolder(
-        args.out_dir, overwrite=args.overwrite, resume=args.resume, ignored=NOT_RESULTS
+        args.out_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        ignored=NOT_RESULTS,
+        defaults=field_defaults(Args),
     )
     folder.check(asdict(args))  # before loading anything
     started = time.perf_counter()

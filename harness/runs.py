@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,21 @@ class RunArgs:
             overwrite=self.overwrite,
             resume=self.resume,
             ignored=tuple(ignored),
+            defaults=field_defaults(type(self)),
         )
         folder.check(asdict(self))
         return folder
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each dataclass field's default value (fields without one are left out)."""
+    defaults = {}
+    for item in fields(cls):
+        if item.default is not MISSING:
+            defaults[item.name] = item.default
+        elif item.default_factory is not MISSING:
+            defaults[item.name] = item.default_factory()
+    return defaults
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,9 @@ class RunFolder:
             its ``config.json`` must record the same arguments, except ``ignored``.
         ignored: Arguments that do not change results (output folder, executor, threads):
             they may differ on resume.
+        defaults: Each argument's default value. An argument that a run's ``config.json``
+            does not record (the script gained it after the run) matches on resume when it
+            has its default, which is what the run did.
 
     Raises:
         ArgumentError: Both ``overwrite`` and ``resume``.
@@ -293,6 +308,7 @@ class RunFolder:
         overwrite: bool = False,
         resume: bool = False,
         ignored: Iterable[str] = (),
+        defaults: Mapping[str, Any] | None = None,
     ) -> None:
         if overwrite and resume:
             raise ArgumentError(
@@ -302,6 +318,7 @@ class RunFolder:
         self.path = Path(path)
         self.overwrite, self.resume = overwrite, resume
         self.ignored = frozenset(ignored)
+        self.defaults = plain(dict(defaults or {}))
 
     @property
     def config_path(self) -> Path:
@@ -339,7 +356,8 @@ class RunFolder:
         different = self.differing_args(recorded, args)
         if different:
             details = ", ".join(
-                f"{name} (run: {recorded.get(name)!r}, now: {plain(args.get(name))!r})"
+                f"{name} (run: {recorded.get(name, '<not recorded>')!r}, "
+                f"now: {plain(args.get(name))!r})"
                 for name in different
             )
             raise ArgumentError(
@@ -364,10 +382,16 @@ class RunFolder:
             ) from None
 
     def differing_args(self, recorded: Mapping[str, Any], args: Mapping[str, Any]) -> list[str]:
-        """Names of the arguments, ``ignored`` left out, whose values differ."""
+        """Names of the arguments, ``ignored`` left out, whose values differ (one the record
+        lacks compares as its default, when it has one)."""
         current = plain(dict(args))
         names = (set(recorded) | set(current)) - self.ignored
-        return sorted(n for n in names if recorded.get(n, "<missing>") != current.get(n))
+        missing = object()
+
+        def was(name: str) -> Any:
+            return recorded.get(name, self.defaults.get(name, missing))
+
+        return sorted(n for n in names if was(n) != current.get(n, missing))
 
     def prepare(self, args: Mapping[str, Any], **metadata: Any) -> Path:
         """Check, then make the folder ready: created, emptied (overwrite) or kept (resume).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -208,8 +209,36 @@ def test_resume_with_other_arguments_names_each_difference(tmp_path):
         folder.check(changed)
     message = str(raised.value)
     assert "seeds (run: [0, 1], now: [0])" in message
-    assert "total_timesteps (run: None, now: 512)" in message
+    assert "total_timesteps (run: '<not recorded>', now: 512)" in message
     assert "threads" not in message
+
+
+def test_resume_of_a_run_recorded_before_an_argument_existed(tmp_path):
+    """An argument a script gained after the run matches at its default and only there."""
+    RunFolder(tmp_path / "run").prepare(ARGS)
+    folder = RunFolder(tmp_path / "run", resume=True, defaults={"policies": ("a", "b")})
+    folder.check({**ARGS, "policies": ["a", "b"]})  # the default: what the run did
+    with pytest.raises(ArgumentError) as raised:
+        folder.check({**ARGS, "policies": ("a",)})
+    assert "policies (run: '<not recorded>', now: ['a'])" in str(raised.value)
+    with pytest.raises(ArgumentError, match="extra"):  # no default known: it differs
+        folder.check({**ARGS, "extra": 1})
+
+
+@dataclass(frozen=True)
+class _Later(runs.RunArgs):
+    added: tuple[int, ...] = (1, 2)
+    made: list = field(default_factory=lambda: [3])
+
+
+def test_run_args_resume_older_folders_with_new_fields_at_defaults(tmp_path):
+    old = {k: v for k, v in asdict(_Later(out_dir=str(tmp_path))).items()}
+    del old["added"], old["made"]
+    RunFolder(tmp_path / "run").prepare(old)
+    assert runs.field_defaults(_Later)["made"] == [3]
+    _Later(out_dir=str(tmp_path), resume=True).run_folder()  # both at their defaults
+    with pytest.raises(ArgumentError, match="added"):
+        _Later(out_dir=str(tmp_path), resume=True, added=(1,)).run_folder()
 
 
 def test_resume_needs_a_readable_config(tmp_path):
