@@ -12,6 +12,7 @@ is ``<out_dir>/<run_name>/budget_<b>``; the frontier gathers their summaries int
     python experiments/budget_frontier.py                       # 4 budgets x 4 agents x 5 seeds
     python experiments/budget_frontier.py --budgets 0.6 --seeds 0 --total-timesteps 5000
     python experiments/budget_frontier.py --resume              # finish an interrupted run
+    python experiments/budget_frontier.py --resume --budgets 0.75 0.6   # add a budget to a run
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class Args(RunArgs):
     env_id: str = "DRRL-Wikitext-Budget-v0"
     """A registered budgeted id (its method and action grid; its budget is replaced)."""
     budgets: tuple[float, ...] = (0.9, 0.75, 0.6, 0.45)
-    """FLOPs budgets, fractions of exact attention's, each in (0, 1]."""
+    """FLOPs budgets, fractions of exact attention's, each in (0, 1]. Each budget has its own
+    sub-folder, so ``--resume`` may name other budgets than the run started with: it runs
+    the budgets it lacks, keeps the finished ones, and the frontier shows the budgets named
+    (``budgets_shown`` in ``config.json``)."""
     agents: tuple[str, ...] = ("ppo:mlp", "maskable_ppo:mlp", "dqn:mlp", "ppo:transformer")
     """``algo:policy`` pairs trained at every budget."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -164,8 +168,9 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 def main(args: Args) -> Path:
     """Run every budget, then write the frontier table and plot."""
     started = time.perf_counter()
-    folder = args.run_folder((*RESULT_FREE, "executor", "address"))
+    folder = args.run_folder((*RESULT_FREE, "executor", "address", "budgets"))
     folder.prepare(asdict(args), torch=torch.__version__)
+    folder.update_config(budgets_shown=list(args.budgets))
     summaries = {}
     for budget in args.budgets:
         run_dir = compare(args.compare_args(budget))
