@@ -49,7 +49,14 @@ from agents.hyperparams import DISCOUNT
 from drrl_env.envs.config import EnvConfig
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
-from harness.reporting import markdown_from_frame, pyplot, save_figure, summary_table, table_columns
+from harness.reporting import (
+    interval_cell,
+    markdown_from_frame,
+    pyplot,
+    save_figure,
+    summary_table,
+    table_columns,
+)
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -80,12 +87,18 @@ COLUMNS = (
     "return",
     "perplexity",
     "delta_ppl_pct",
+    *(f"{q}{suffix}" for q in ("mean_kl", "top1_agreement") for suffix in ("", "_low", "_high")),
+    "mean_kl_interval",
+    "top1_interval",
     "seeds",
     "windows",
 )
+"""Columns of ``ablation.csv``: token KL and top-1 agreement (live evaluation only; NaN and
+``n/a`` on the cached backend) with their 95 % bootstrap intervals over windows."""
 MARKDOWN_COLUMNS = table_columns(
     "beta gamma terms mean_rank flops_reduction_pct flops_reduction_pct_std mean_fidelity "
-    "mean_fidelity_std mean_perturbation return perplexity delta_ppl_pct seeds windows",
+    "mean_fidelity_std mean_perturbation return perplexity delta_ppl_pct mean_kl_interval "
+    "top1_interval seeds windows",
     **{"return": ("return (own weights)", "{:.2f}")},
 )
 """``(header, ablation.csv column, format)`` of ``ablation.md``."""
@@ -227,7 +240,8 @@ def eval_env(args: Args, method: str, beta: float, gamma: float) -> gym.Env:
 
 
 def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
-    """One row per setting: window and seed means, standard deviations over seeds."""
+    """One row per setting: window and seed means, standard deviations over seeds, and the
+    live token KL and top-1 agreement with 95 % intervals over windows (seed means)."""
     frame = per_window.assign(
         policy=[setting_name(b, g) for b, g in per_window[["beta", "gamma"]].to_numpy()]
     )
@@ -241,6 +255,9 @@ def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
         ["mean_perturbation", "beta", "gamma"]
     ].mean()
     table["terms"] = [terms_of(b, g) for b, g in zip(table["beta"], table["gamma"], strict=True)]
+    rows = [row for _, row in table.iterrows()]
+    table["mean_kl_interval"] = [interval_cell(row, "mean_kl", scientific=True) for row in rows]
+    table["top1_interval"] = [interval_cell(row, "top1_agreement") for row in rows]
     return table.reset_index()[list(COLUMNS)]
 
 

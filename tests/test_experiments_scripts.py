@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import gymnasium as gym
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -365,6 +366,34 @@ def test_reward_ablation_outputs(ablation_dir):
     assert load_agent(models[0]).gamma == 0.9  # --discount reached the agent
     assert "ppo:mlp (discount 0.9)" in (ablation_dir / "ablation.md").read_text()
     assert json.loads((ablation_dir / "config.json").read_text())["backend"] == "cached"
+
+
+def test_reward_ablation_table_carries_live_kl_with_intervals(ablation_dir):
+    """Live rows (token KL, top-1 per window) give each setting its mean over windows and the
+    95 % bootstrap interval; cached rows give ``n/a``."""
+    from harness.statistics import mean_interval
+
+    script = load_script("experiments/reward_ablation.py")
+    cached = pd.read_csv(ablation_dir / "ablation.csv")
+    assert cached["mean_kl"].isna().all() and cached["mean_kl_interval"].isna().all()  # "n/a"
+    assert ",n/a,n/a," in (ablation_dir / "ablation.csv").read_text()
+    per_window = pd.read_csv(ablation_dir / "per_window.csv")
+    rng = np.random.default_rng(0)
+    live = per_window.assign(
+        mean_kl=rng.uniform(1e-3, 1e-2, len(per_window)),
+        top1_agreement=rng.uniform(0.9, 1.0, len(per_window)),
+        perplexity=20.0,
+        perplexity_full=19.0,
+    )
+    table = script.ablation_table(live)
+    for _, row in table.iterrows():
+        mine = live[(live["beta"] == row["beta"]) & (live["gamma"] == row["gamma"])]
+        kl = mean_interval(mine.groupby("window")["mean_kl"].mean())
+        assert row["mean_kl"] == pytest.approx(kl.estimate)
+        assert row["mean_kl_interval"] == kl.format(scientific=True)
+        top1 = mean_interval(mine.groupby("window")["top1_agreement"].mean())
+        assert row["top1_interval"] == top1.format()
+    assert "token KL" in script.to_markdown(table)
 
 
 # -- experiments/uniform_rank_table.py and experiments/reward_landscape.py ------------------------
