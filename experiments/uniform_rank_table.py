@@ -11,7 +11,9 @@ through the frozen model with that rank at every attention layer. Reported per r
 - ``mean_kl``: mean over predicted tokens of KL(exact || this setting) of the next-token
   distributions, nats (0 for exact attention; non-negative and far less noisy than the
   perplexity change); ``top1_agreement``: fraction of tokens whose most likely next token
-  equals exact attention's;
+  equals exact attention's; each with the 95 % bootstrap interval of the mean over windows
+  (``mean_kl_low``/``_high``, ``top1_low``/``_high``; windows have equal lengths, so the mean
+  over windows is the mean over tokens; no interval from one window);
 - ``kept_fraction``: keys attended exactly over causal keys, mean over layers and segments
   (realised: ``topp`` keeps what the attention mass needs).
 
@@ -58,6 +60,7 @@ from harness.runs import (
     field_defaults,
     run_main,
 )
+from harness.statistics import Interval, mean_interval
 
 COLUMNS = (
     "method",
@@ -70,7 +73,11 @@ COLUMNS = (
     "flops_ratio",
     "flops_vs_causal",
     "mean_kl",
+    "mean_kl_low",
+    "mean_kl_high",
     "top1_agreement",
+    "top1_low",
+    "top1_high",
     "kept_fraction",
     "n_windows",
     "n_predicted",
@@ -170,7 +177,11 @@ class Row:
     flops_ratio: float
     flops_vs_causal: float
     mean_kl: float
+    mean_kl_low: float
+    mean_kl_high: float
     top1_agreement: float
+    top1_low: float
+    top1_high: float
     kept_fraction: float
     n_windows: int
     n_predicted: int
@@ -221,6 +232,15 @@ def causal_exact_flops(lm: LoadedModel, result: WindowResult) -> float:
     return total
 
 
+def quality_interval(per_window: list[float], exact: float) -> tuple[float, float]:
+    """95 % bootstrap interval of a per-window quality's mean (its value at exact attention
+    when nothing was compared: the exact run itself; NaN bounds for one window)."""
+    if not per_window:
+        return exact, exact
+    interval = mean_interval(per_window)
+    return interval.low, interval.high
+
+
 def aggregate(
     lm: LoadedModel,
     method: str,
@@ -241,6 +261,8 @@ def aggregate(
     causal = sum(causal_exact_flops(lm, r) for r in results)
     compared = [r.comparison for r in results if r.comparison is not None]
     count = sum(c.count for c in compared)
+    kl = quality_interval([c.mean_kl for c in compared], 0.0)
+    top1 = quality_interval([c.top1_agreement for c in compared], 1.0)
     return Row(
         method=method,
         rank=rank,
@@ -252,7 +274,11 @@ def aggregate(
         flops_ratio=flops / flops_full,
         flops_vs_causal=flops / causal,
         mean_kl=sum(c.kl_sum for c in compared) / count if count else 0.0,
+        mean_kl_low=kl[0],
+        mean_kl_high=kl[1],
         top1_agreement=sum(c.agree for c in compared) / count if count else 1.0,
+        top1_low=top1[0],
+        top1_high=top1[1],
         kept_fraction=float(np.mean([r.kept.mean() for r in results])),
         n_windows=len(results),
         n_predicted=predicted,
@@ -310,6 +336,24 @@ def _format(column: str, value: str) -> str:
     return value
 
 
+INTERVALS = {
+    "mean_kl": ("mean_kl_low", "mean_kl_high"),
+    "top1_agreement": ("top1_low", "top1_high"),
+}
+"""Columns shown with their 95 % interval over windows, and the CSV columns of its bounds."""
+BOUNDS = {bound for pair in INTERVALS.values() for bound in pair}
+
+
+def _cell(column: str, row: dict) -> str:
+    """One Markdown cell: the value, with its interval where the CSV has one (tables written
+    before the intervals existed have none)."""
+    low, high = (row.get(name, "") for name in INTERVALS.get(column, ("", "")))
+    if not low or not high or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return _format(column, row[column])
+    interval = Interval(float(row[column]), float(low), float(high), int(row["n_windows"]))
+    return interval.format(scientific=column == "mean_kl")
+
+
 def markdown_from_csv(csv_path: Path, head_dim: int | None = None) -> str:
     """Render the table CSV as a Markdown table (numbers rounded for reading).
 
@@ -319,13 +363,13 @@ def markdown_from_csv(csv_path: Path, head_dim: int | None = None) -> str:
     """
     with csv_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    columns = list(rows[0].keys()) if rows else list(COLUMNS)
+    columns = [c for c in (list(rows[0].keys()) if rows else COLUMNS) if c not in BOUNDS]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_format(c, row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(c, row) for c in columns) + " |")
     if head_dim is not None:
         lines += [
             "",
@@ -353,6 +397,7 @@ def row_from_record(record: dict) -> Row:
     """A :class:`Row` read back from ``table.csv``."""
     kinds = {"method": str, "rank": int, "n_windows": int, "n_predicted": int}
     record = {**record, "keep": record.get("keep", 1.0)}
+    record.update({bound: record.get(bound, math.nan) for bound in BOUNDS})  # older tables
     return Row(**{name: kinds.get(name, float)(record[name]) for name in COLUMNS})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -439,6 +440,12 @@ def test_uniform_rank_table_outputs(tmp_path, cache):
     assert topk["keep"] == 0.5  # at 128 tokens it keeps every key: min_keys is 64
     # Exact attention skipping masked scores executes less than the dense count.
     assert (table["flops_vs_causal"] > table["flops_ratio"]).all()
+    full = table[table["method"] == "full"].iloc[0]
+    assert (full["mean_kl_low"], full["mean_kl_high"], full["top1_low"]) == (0, 0, 1)
+    bounds = ["mean_kl_low", "mean_kl_high", "top1_low", "top1_high"]
+    assert (table.loc[table["rank"] == 64, bounds] == full[bounds]).all().all()  # the full run
+    others = table[table["rank"] != 64]  # one window: no interval
+    assert others[bounds].isna().all().all()
     markdown = script.markdown_from_csv(tmp_path / "table.csv", head_dim=64)
     assert (tmp_path / "table.md").read_text() == markdown
     config = json.loads((tmp_path / "config.json").read_text())
@@ -446,6 +453,28 @@ def test_uniform_rank_table_outputs(tmp_path, cache):
     assert config["args"]["ranks"] == [16, 64] and config["calibration"]["n_windows"] == 1
     # calibrated is per query head, topk selects with a basis per kv head.
     assert sorted(config["calibration"]["scopes"]) == ["kv_head", "query_head"]
+
+
+def test_uniform_rank_table_shows_kl_and_top1_with_their_intervals(tmp_path):
+    from harness.statistics import mean_interval
+
+    script = load_script("experiments/uniform_rank_table.py")
+    per_window = [1.0e-3, 3.0e-3, 2.5e-3]
+    interval = mean_interval(per_window)
+    assert script.quality_interval(per_window, 0.0) == (interval.low, interval.high)
+    assert script.quality_interval([], 1.0) == (1.0, 1.0)  # the exact run compares nothing
+    assert all(math.isnan(b) for b in script.quality_interval([0.5], 1.0))
+    row = {c: "1" for c in script.COLUMNS} | {"method": "topk", "n_windows": "3"}
+    row |= {"mean_kl": "0.002", "mean_kl_low": "0.0011", "mean_kl_high": "0.0029"}
+    row |= {"top1_agreement": "0.97", "top1_low": "0.95", "top1_high": "0.99"}
+    pd.DataFrame([row]).to_csv(tmp_path / "table.csv", index=False)
+    markdown = script.markdown_from_csv(tmp_path / "table.csv")
+    assert "| 2.00e-03 [1.10e-03, 2.90e-03] | 0.97 [0.95, 0.99] |" in markdown
+    assert "mean_kl_low" not in markdown and "top1_high" not in markdown
+    # a table written before the intervals existed renders its plain values
+    old = pd.DataFrame([row]).drop(columns=["mean_kl_low", "mean_kl_high", "top1_low", "top1_high"])
+    old.to_csv(tmp_path / "old.csv", index=False)
+    assert "| 2.00e-03 | 0.970 |" in script.markdown_from_csv(tmp_path / "old.csv")
 
 
 def test_uniform_rank_table_refuses_an_earlier_table_and_resumes_it(tmp_path, cache):
