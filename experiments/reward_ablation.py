@@ -247,13 +247,14 @@ def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
     )
     table = summary_table(frame).set_index("policy")
     per_seed = frame.groupby(["policy", "seed"], sort=False)[
-        ["mean_fidelity", "mean_perturbation", "beta", "gamma"]
+        ["mean_fidelity", "mean_perturbation"]
     ].mean()
     settings = per_seed.groupby(level="policy", sort=False)
     table["mean_fidelity_std"] = settings["mean_fidelity"].std(ddof=0)
-    table[["mean_perturbation", "beta", "gamma"]] = settings[
-        ["mean_perturbation", "beta", "gamma"]
-    ].mean()
+    table["mean_perturbation"] = settings["mean_perturbation"].mean()
+    # the weights themselves, not a mean of copies (8 x 0.1 / 8 is not 0.1 in floating point)
+    weights = frame.groupby("policy", sort=False)[["beta", "gamma"]].first()
+    table[["beta", "gamma"]] = weights
     table["terms"] = [terms_of(b, g) for b, g in zip(table["beta"], table["gamma"], strict=True)]
     rows = [row for _, row in table.iterrows()]
     table["mean_kl_interval"] = [interval_cell(row, "mean_kl", scientific=True) for row in rows]

@@ -395,6 +395,10 @@ def test_reward_ablation_table_carries_live_kl_with_intervals(ablation_dir):
         top1 = mean_interval(mine.groupby("window")["top1_agreement"].mean())
         assert row["top1_interval"] == top1.format()
     assert "token KL" in script.to_markdown(table)
+    # eight windows of the default weights: still "default" (a mean of 8 x 0.1 is not 0.1)
+    eight = pd.concat([live[live["window"] == 0].assign(window=w) for w in range(8)])
+    terms = script.ablation_table(eight).set_index(["beta", "gamma"])["terms"]
+    assert terms[0.5, 0.1] == "default" and terms[0.0, 0.1] == "no FLOPs term"
 
 
 # -- experiments/uniform_rank_table.py and experiments/reward_landscape.py ------------------------
