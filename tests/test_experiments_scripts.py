@@ -397,6 +397,7 @@ def test_reward_ablation_table_carries_live_kl_with_intervals(ablation_dir):
     assert "token KL" in script.to_markdown(table)
     # eight windows of the default weights: still "default" (a mean of 8 x 0.1 is not 0.1)
     eight = pd.concat([live[live["window"] == 0].assign(window=w) for w in range(8)])
+    eight = eight.sort_values(["beta", "gamma", "window"], ascending=False)  # as the log holds
     terms = script.ablation_table(eight).set_index(["beta", "gamma"])["terms"]
     assert terms[0.5, 0.1] == "default" and terms[0.0, 0.1] == "no FLOPs term"
 
