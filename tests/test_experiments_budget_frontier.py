@@ -74,3 +74,32 @@ def test_a_budget_outside_the_unit_interval_fails_before_any_work(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "budgets: 1.5 is outside (0, 1]" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_may_name_other_budgets_and_keeps_the_finished_ones(run_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(run_dir, folder)
+    summary = (folder / "budget_0.9" / "summary.csv").read_text()
+    env = {**os.environ, "DRRL_CACHE_DIR": str(run_dir.parent.parent / "fr-cache")}
+    base = [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(tmp_path), "--run-name", "f"]
+
+    def resume(*budgets: str) -> None:
+        command = [*base, "--resume", "--budgets", *budgets]
+        subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+
+    resume("0.6")  # a finished budget only: nothing trained, the frontier shows it alone
+    assert sorted(set(pd.read_csv(folder / "frontier.csv")["budget"])) == [0.6]
+    resume("0.9", "0.6", "0.45")  # one more budget: run; the finished two kept as they were
+    frontier = pd.read_csv(folder / "frontier.csv")
+    assert sorted(set(frontier["budget"])) == [0.45, 0.6, 0.9]
+    assert set(frontier.loc[frontier["budget"] == 0.45, "policy"]) == {"ppo_mlp", *BASELINES}
+    assert (folder / "budget_0.9" / "summary.csv").read_text() == summary
+    config = json.loads((folder / "config.json").read_text())
+    assert config["args"]["budgets"] == [0.9, 0.6], "the recorded arguments stay the run's"
+    assert config["budgets_shown"] == [0.9, 0.6, 0.45] and config["resumed"] == 2
+    changed = [*base, "--resume", "--seeds", "1"]  # other arguments are still refused
+    result = subprocess.run(changed, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "seeds (run: [0], now: [1])" in result.stderr
