@@ -29,12 +29,13 @@ import tyro
 from agents.compare import Args as CompareArgs
 from agents.compare import main as compare
 from harness.reporting import (
-    interval_cell,
+    QUALITY_CELLS,
     markdown_from_frame,
     ppl_axes,
     pyplot,
     save_figure,
     table_columns,
+    with_interval_cells,
 )
 from harness.runs import RESULT_FREE, ArgumentError, RunArgs, check_unique, run_main
 
@@ -44,11 +45,7 @@ FRONTIER_COLUMNS = table_columns(
     flops_ratio=("executed FLOPs / exact", "{:.3f}"),
 )
 """``(header, CSV column, format)`` of the Markdown table."""
-INTERVALS = (
-    ("mean_kl_interval", "mean_kl", True),
-    ("top1_interval", "top1_agreement", False),
-    ("kl_vs_reference_interval", "kl_vs_reference", True),
-)
+INTERVALS = (*QUALITY_CELLS, ("kl_vs_reference_interval", "kl_vs_reference", True))
 """(table column, summary column, scientific) of the quality cells with their intervals."""
 
 
@@ -131,10 +128,7 @@ def frontier(summaries: dict[float, pd.DataFrame]) -> pd.DataFrame:
     frames = []
     for budget, summary in summaries.items():
         frame = summary.assign(budget=budget, flops_ratio=1 - summary["flops_reduction_pct"] / 100)
-        rows = [row for _, row in frame.iterrows()]
-        for column, name, scientific in INTERVALS:
-            frame[column] = [interval_cell(row, name, scientific) for row in rows]
-        frames.append(frame)
+        frames.append(with_interval_cells(frame, INTERVALS))
     return pd.concat(frames, ignore_index=True)
 
 

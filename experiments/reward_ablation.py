@@ -50,12 +50,12 @@ from drrl_env.envs.config import EnvConfig
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
 from harness.reporting import (
-    interval_cell,
     markdown_from_frame,
     pyplot,
     save_figure,
     summary_table,
     table_columns,
+    with_interval_cells,
 )
 from harness.runs import (
     ArgumentError,
@@ -256,10 +256,7 @@ def ablation_table(per_window: pd.DataFrame) -> pd.DataFrame:
     weights = frame.groupby("policy", sort=False)[["beta", "gamma"]].first()
     table[["beta", "gamma"]] = weights
     table["terms"] = [terms_of(b, g) for b, g in zip(table["beta"], table["gamma"], strict=True)]
-    rows = [row for _, row in table.iterrows()]
-    table["mean_kl_interval"] = [interval_cell(row, "mean_kl", scientific=True) for row in rows]
-    table["top1_interval"] = [interval_cell(row, "top1_agreement") for row in rows]
-    return table.reset_index()[list(COLUMNS)]
+    return with_interval_cells(table).reset_index()[list(COLUMNS)]
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -167,6 +167,24 @@ def interval_cell(row: pd.Series, name: str, scientific: bool = False) -> str:
     return Interval(float(value), float(low), float(high), 2).format(scientific=scientific)
 
 
+QUALITY_CELLS = (
+    ("mean_kl_interval", "mean_kl", True),
+    ("top1_interval", "top1_agreement", False),
+)
+"""``(text column, value column, scientific)`` of token KL and top-1 agreement with intervals."""
+
+
+def with_interval_cells(
+    frame: pd.DataFrame, cells: Sequence[tuple[str, str, bool]] = QUALITY_CELLS
+) -> pd.DataFrame:
+    """``frame`` with one text column per ``(column, name, scientific)`` of ``cells``: each
+    row's ``name`` with its 95 % interval (:func:`interval_cell`)."""
+    rows = [row for _, row in frame.iterrows()]
+    return frame.assign(
+        **{column: [interval_cell(row, name, sci) for row in rows] for column, name, sci in cells}
+    )
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table (one per method, stacked).
 
