@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -93,7 +95,8 @@ def make_agent(
         env: The training environment: a Gymnasium env, an SB3 VecEnv or a registered id.
         policy: ``mlp`` or ``transformer``.
         policy_kwargs: Merged over the policy's defaults (``features_extractor_kwargs`` too).
-        tensorboard_log: TensorBoard log folder (None: no TensorBoard logging).
+        tensorboard_log: TensorBoard log folder (None: no TensorBoard logging, and no
+            log folder: :func:`folderless_logger`).
         seed: Seed of the algorithm, its networks and the env.
         verbose: SB3 verbosity.
         device: Torch device of the networks.
@@ -130,7 +133,18 @@ def make_agent(
     setattr(model, ALGO_ATTRIBUTE, algo)
     setattr(model, POLICY_ATTRIBUTE, policy)
     setattr(model, SIGNATURE_ATTRIBUTE, env_signature(env))
+    if tensorboard_log is None:
+        model.set_logger(folderless_logger(verbose))
     return model
+
+
+def folderless_logger(verbose: int) -> Logger:
+    """SB3 logger without a folder: stdout at ``verbose >= 1``, else nothing.
+
+    Without TensorBoard, SB3's own logger still makes an empty ``SB3-<date>`` folder in the
+    system temporary directory at every ``learn``; this one writes no file.
+    """
+    return Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else [])
 
 
 def is_budgeted(env: gym.Env | VecEnv) -> bool:
@@ -198,7 +212,10 @@ def load_agent(
     if env is not None:
         check_signature_match(data.get(SIGNATURE_ATTRIBUTE), env, path)
         check_spaces_match(data["observation_space"], data["action_space"], env)
-    return ALGOS[algo].load(path, env=env, device=device, **kwargs)
+    model = ALGOS[algo].load(path, env=env, device=device, **kwargs)
+    if model.tensorboard_log is None:
+        model.set_logger(folderless_logger(model.verbose))
+    return model
 
 
 def resolve_agent_path(path: str | Path) -> Path:

@@ -294,3 +294,25 @@ def test_budgeted_envs_get_the_sequential_discount(tmp_path):
     )
     assert make_agent("maskable_ppo", vector).gamma == BUDGET_DISCOUNT
     assert make_agent("ppo", budget, gamma=0.9).gamma == 0.9  # an override still wins
+
+
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_learning_without_tensorboard_writes_no_log_folder(env, tmp_path, monkeypatch, verbose):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = make_agent("ppo", env, seed=0, verbose=verbose, **SHORT["ppo"])
+    model.learn(64)
+    path = save_agent(model, tmp_path / "saved" / "agent")
+    load_agent(path, env=env).learn(64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_verbose_learning_without_tensorboard_still_prints(env, capsys):
+    make_agent("ppo", env, seed=0, verbose=1, **SHORT["ppo"]).learn(64)
+    assert "total_timesteps" in capsys.readouterr().out
+
+
+def test_learning_with_tensorboard_writes_event_files(env, tmp_path):
+    make_agent("a2c", env, seed=0, tensorboard_log=tmp_path, **SHORT["a2c"]).learn(32)
+    assert list(tmp_path.glob("*/events.out.tfevents.*"))
