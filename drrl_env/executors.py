@@ -28,6 +28,10 @@ def import_ray():
     return ray
 
 
+LOCAL_WORKER_NICENESS = 0
+"""Niceness of the workers of a local Ray instance started by :func:`ray_session`."""
+
+
 @contextmanager
 def ray_session(
     address: str | None = None,
@@ -37,7 +41,9 @@ def ray_session(
     """Connect to the Ray cluster at ``address``, or start a local instance when it is None.
 
     An already initialised Ray is used as it is. A session started here is shut down at
-    exit. ``env_vars`` are set in every worker (e.g. the cache folder).
+    exit. ``env_vars`` are set in every worker (e.g. the cache folder). The workers of a
+    local instance run at normal priority (:data:`LOCAL_WORKER_NICENESS`): Ray's default,
+    nice 15, leaves them almost no CPU beside any busy process of normal priority.
     """
     ray = import_ray()
     if ray.is_initialized():
@@ -49,6 +55,7 @@ def ray_session(
         kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
     if address is None:
         kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
+        kwargs["_system_config"] = {"worker_niceness": LOCAL_WORKER_NICENESS}
     try:
         ray.init(**kwargs)
     except ConnectionError as error:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from drrl_env.executors import LOCAL_WORKER_NICENESS, ray_session
 from harness.runs import execute
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'drrl-gym[ray]'")
@@ -103,13 +104,12 @@ def test_ray_executor_writes_the_tables_of_the_local_run(runs):
 
 
 def test_execute_on_ray_yields_every_result_as_it_finishes():
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    assert not ray.is_initialized()
+    with ray_session(num_cpus=2):
         tasks = [(2, 3), (3, 2), (5, 1)]
         results = dict(execute(lambda pair: pair[0] ** pair[1], tasks, "ray", cpus_per_task=1))
-    finally:
-        if started_here:
-            ray.shutdown()
+        # a local instance's workers run at normal priority, not Ray's nice 15
+        niceness = set(dict(execute(lambda _: os.nice(0), [0, 1], "ray")).values())
+    assert not ray.is_initialized()
     assert results == {(2, 3): 8, (3, 2): 9, (5, 1): 5}
+    assert niceness == {os.nice(0) + LOCAL_WORKER_NICENESS}
