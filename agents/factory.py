@@ -133,9 +133,7 @@ def make_agent(
     setattr(model, ALGO_ATTRIBUTE, algo)
     setattr(model, POLICY_ATTRIBUTE, policy)
     setattr(model, SIGNATURE_ATTRIBUTE, env_signature(env))
-    if tensorboard_log is None:
-        model.set_logger(folderless_logger(verbose))
-    return model
+    return _without_log_folder(model)
 
 
 def folderless_logger(verbose: int) -> Logger:
@@ -145,6 +143,13 @@ def folderless_logger(verbose: int) -> Logger:
     system temporary directory at every ``learn``; this one writes no file.
     """
     return Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else [])
+
+
+def _without_log_folder(model: BaseAlgorithm) -> BaseAlgorithm:
+    """``model`` logging through :func:`folderless_logger` unless it logs to TensorBoard."""
+    if model.tensorboard_log is None:
+        model.set_logger(folderless_logger(model.verbose))
+    return model
 
 
 def is_budgeted(env: gym.Env | VecEnv) -> bool:
@@ -212,10 +217,7 @@ def load_agent(
     if env is not None:
         check_signature_match(data.get(SIGNATURE_ATTRIBUTE), env, path)
         check_spaces_match(data["observation_space"], data["action_space"], env)
-    model = ALGOS[algo].load(path, env=env, device=device, **kwargs)
-    if model.tensorboard_log is None:
-        model.set_logger(folderless_logger(model.verbose))
-    return model
+    return _without_log_folder(ALGOS[algo].load(path, env=env, device=device, **kwargs))
 
 
 def resolve_agent_path(path: str | Path) -> Path:
