@@ -538,15 +538,25 @@ def test_fused_path_agrees_with_the_eager_reference(name, setting):
     torch.testing.assert_close(exact, full_attention(query, key, value, mask, dim**-0.5), **TOL)
 
 
-def test_block_sparse_fused_path_stays_compiled_past_torchs_recompile_limit():
-    # torch recompiles per shape and, past 8 shapes, used to run eager flex_attention,
-    # which ignores the selected key blocks: block-sparse attention silently became exact.
+def test_block_sparse_fused_path_stays_compiled_past_torchs_recompile_limit(monkeypatch):
+    # torch recompiles per shape and, past its limit (8 shapes by default), used to run eager
+    # flex_attention, which ignores the selected key blocks: block-sparse attention silently
+    # became exact. The limit is set to 2 here (compiling a shape takes seconds), and the
+    # compiled function is made again, as on a process's first call, which raises it.
+    import torch._dynamo.config as dynamo_config
+
+    from drrl_env.methods import fused as fused_module
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
+    monkeypatch.setattr(dynamo_config, "accumulated_recompile_limit", 2)
+    monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", False)
+    monkeypatch.delitem(fused_module._COMPILED, "flex", raising=False)
     generator = torch.Generator().manual_seed(5)
     heads, kv_heads, dim = 2, 1, 16
     basis = torch.linalg.qr(torch.randn(1, kv_heads, dim, dim, generator=generator)).Q
     method = make_method("topk-block", dim, 1, basis=basis)
     setting = Setting(4, 0.25)
-    for length in range(128, 128 + 64 * 11, 64):  # 11 shapes
+    for length in range(128, 128 + 64 * 4, 64):  # 4 shapes, past the limit of 2
         query = torch.randn(1, heads, length, dim, generator=generator)
         key = torch.randn(1, kv_heads, length, dim, generator=generator)
         value = torch.randn(1, kv_heads, length, dim, generator=generator)
