@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from script_runner import run_in_process
 
 from agents.allocations import (
     Problem,
@@ -145,15 +144,8 @@ def test_per_window_optimum_is_the_best_schedule_of_its_window() -> None:
 
 
 def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DRRL_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "adaptivity.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """The script, run in this process (see ``script_runner``)."""
+    return run_in_process("experiments/adaptivity.py", args, {"DRRL_CACHE_DIR": str(cache)})
 
 
 def _skip_without_wikitext() -> None:

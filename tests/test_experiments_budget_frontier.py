@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
+from script_runner import run_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "budget_frontier.py"
+SCRIPT = "experiments/budget_frontier.py"
 TINY = [
     "--env-id", "DRRL-Tiny-Budget-v0",
     "--budgets", "0.9", "0.6",
@@ -35,9 +30,9 @@ BASELINES = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
-    env = {**os.environ, "DRRL_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "fr-cache")}
-    command = [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(out), "--run-name", "f"]
-    subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+    env = {"DRRL_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "fr-cache")}
+    done = run_in_process(SCRIPT, [*TINY, "--out-dir", str(out), "--run-name", "f"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out / "f"
 
 
@@ -70,8 +65,7 @@ def test_every_budget_and_policy_is_in_the_frontier_and_within_budget(run_dir):
 
 
 def test_a_budget_outside_the_unit_interval_fails_before_any_work(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--budgets", "1.5", "--out-dir", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_in_process(SCRIPT, ["--budgets", "1.5", "--out-dir", str(tmp_path)])
     assert result.returncode == 2 and "budgets: 1.5 is outside (0, 1]" in result.stderr
     assert not list(tmp_path.iterdir())
 
@@ -83,12 +77,12 @@ def test_resume_may_name_other_budgets_and_keeps_the_finished_ones(run_dir, tmp_
     folder = tmp_path / "f"
     shutil.copytree(run_dir, folder)
     summary = (folder / "budget_0.9" / "summary.csv").read_text()
-    env = {**os.environ, "DRRL_CACHE_DIR": str(run_dir.parent.parent / "fr-cache")}
-    base = [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(tmp_path), "--run-name", "f"]
+    env = {"DRRL_CACHE_DIR": str(run_dir.parent.parent / "fr-cache")}
+    base = [*TINY, "--out-dir", str(tmp_path), "--run-name", "f"]
 
     def resume(*budgets: str) -> None:
-        command = [*base, "--resume", "--budgets", *budgets]
-        subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+        done = run_in_process(SCRIPT, [*base, "--resume", "--budgets", *budgets], env)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     resume("0.6")  # a finished budget only: nothing trained, the frontier shows it alone
     assert sorted(set(pd.read_csv(folder / "frontier.csv")["budget"])) == [0.6]
@@ -101,5 +95,5 @@ def test_resume_may_name_other_budgets_and_keeps_the_finished_ones(run_dir, tmp_
     assert config["args"]["budgets"] == [0.9, 0.6], "the recorded arguments stay the run's"
     assert config["budgets_shown"] == [0.9, 0.6, 0.45] and config["resumed"] == 2
     changed = [*base, "--resume", "--seeds", "1"]  # other arguments are still refused
-    result = subprocess.run(changed, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_in_process(SCRIPT, changed, env)
     assert result.returncode == 2 and "seeds (run: [0], now: [1])" in result.stderr

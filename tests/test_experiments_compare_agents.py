@@ -21,6 +21,7 @@ from types import ModuleType
 import pandas as pd
 import pytest
 import torch
+from script_runner import run_in_process
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from agents import read_csv, replay_csv
@@ -80,14 +81,9 @@ def command(out: Path, run_name: str) -> list[str]:
 
 
 def run(out: Path, run_name: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*command(out, run_name), *extra],
-        cwd=ROOT,
-        env=script_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """The script with ``TINY`` and ``extra``, run in this process (see ``script_runner``)."""
+    args = [*TINY, "--out-dir", str(out), "--run-name", run_name, *extra]
+    return run_in_process("experiments/compare_agents.py", args, {"DRRL_CACHE_DIR": str(cache)})
 
 
 def one_line(text: str) -> str:
@@ -311,15 +307,9 @@ def test_overwrite_starts_from_an_empty_folder(run_dir, out, cache_dir):
 )
 def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, str(SCRIPT), *flags, "--out-dir", str(out)]
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env=script_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = [*flags, "--out-dir", str(out)]
+    cache = {"DRRL_CACHE_DIR": str(tmp_path / "cache")}
+    done = run_in_process("experiments/compare_agents.py", args, cache)
     assert done.returncode != 0
     assert one_line(message) in one_line(done.stderr)
     assert not any(tmp_path.iterdir()), "nothing may be written or cached before the check"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from script_runner import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "proxy_validity.py"
@@ -28,9 +27,9 @@ PLANNED = 15 + 2 + 2 + 1 + 3  # statics (pair grid), random, mixtures, energy, g
 
 
 def run(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DRRL_CACHE_DIR": str(cache)}
-    command = [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(out), *extra]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    """The script with ``TINY`` and ``extra``, run in this process (see ``script_runner``)."""
+    args = [*TINY, "--out-dir", str(out), *extra]
+    return run_in_process("experiments/proxy_validity.py", args, {"DRRL_CACHE_DIR": str(cache)})
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
 """Smoke runs of the experiment scripts on the tiny model: every output exists and parses.
 
-Each script runs as a subprocess with a fresh cache folder and one torch thread; every
-Markdown table it writes must equal the table regenerated from its CSV by the script's own
-renderer.
+Each script runs with a fresh cache folder, in the test process (as its command line would;
+the first run of each script as a subprocess with one torch thread, its ``__main__`` line
+included); every Markdown table it writes must equal the table regenerated from its CSV by
+the script's own renderer.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import io
 import json
 import math
@@ -16,12 +17,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+from script_runner import load_script, run_in_process
 
 import drrl_env  # noqa: F401 (registers the ids)
 from agents import evaluate_policy_on_windows, load_agent, make_agent, read_csv
@@ -31,41 +32,34 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TINY_RANKS = tuple(range(8, 65, 8))
 
 
-def load_script(relative: str) -> ModuleType:
-    """Import a script (experiments/ is not a package) to reach its renderers."""
-    path = ROOT / relative
-    name = f"script_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
 def run_script(
-    relative: str, args: list[str], cache: Path, check: bool = True
+    relative: str, args: list[str], cache: Path, check: bool = True, own_process: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run a script; with ``check`` its exit code must be 0."""
-    env = {
-        **os.environ,
-        "DRRL_CACHE_DIR": str(cache),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "COLUMNS": "1000",  # no wrapped error messages
-    }
-    result = subprocess.run(
-        [sys.executable, str(ROOT / relative), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """Run a script with ``cache`` as its cache folder, in this process (``own_process``: as
+    a subprocess with one torch thread); with ``check`` its exit code must be 0."""
+    if own_process:
+        env = {
+            **os.environ,
+            "DRRL_CACHE_DIR": str(cache),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "COLUMNS": "1000",  # no wrapped error messages
+        }
+        result = subprocess.run(
+            [sys.executable, str(ROOT / relative), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    else:
+        result = run_in_process(relative, args, {"DRRL_CACHE_DIR": str(cache)})
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -123,8 +117,26 @@ FLOPS = [
 @pytest.fixture(scope="module")
 def flops_dir(tmp_path_factory, cache) -> Path:
     out = tmp_path_factory.mktemp("flops_scaling")
-    run_script("experiments/flops_scaling.py", [*FLOPS, "--out-dir", str(out)], cache)
+    args = [*FLOPS, "--out-dir", str(out)]
+    run_script("experiments/flops_scaling.py", args, cache, own_process=True)  # __main__ too
     return out / "flops_scaling"  # the default run name
+
+
+SCRIPTS = sorted(
+    str(path.relative_to(ROOT))
+    for folder in ("experiments", "benchmarks")
+    for path in (ROOT / folder).glob("*.py")
+)
+
+
+@pytest.mark.parametrize("relative", SCRIPTS)
+def test_every_script_runs_main_as_the_tests_do(relative):
+    """The tests run scripts in-process through ``run_main(main, tyro.cli(Args))``, which
+    must be what each script's ``__main__`` block runs."""
+    tree = ast.parse((ROOT / relative).read_text())
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'"
+    assert [ast.unparse(node) for node in last.body] == ["run_main(main, tyro.cli(Args))"]
 
 
 def test_flops_scaling_outputs(flops_dir):
