@@ -539,12 +539,21 @@ class Entry:
         return {"method": self.method, "kind": self.kind, "policy": self.policy, "seed": self.seed}
 
     def files(self, run_dir: Path) -> list[Path]:
-        """The files a finished entry has written besides its rows."""
+        """The files a finished entry has written besides its rows.
+
+        A trial's model is not among them: a folder of committed results holds no
+        ``models/`` (nor ``tensorboard/``), and its rows, leaderboard CSV and learning
+        curve are everything the tables are made from, so it resumes without training.
+        """
         stem = self.policy if self.trial is None else f"{self.policy}__{self.seed}"
         paths = [run_dir / "leaderboard" / self.method / f"{stem}.csv"]
         if self.trial is not None:
-            paths.append(run_dir / "models" / f"{self.trial.run_id}.zip")
+            paths.append(run_dir / "curves" / f"{self.trial.run_id}.csv")
         return paths
+
+    def model(self, run_dir: Path) -> Path | None:
+        """The saved agent of a trial (None for a baseline)."""
+        return None if self.trial is None else run_dir / "models" / f"{self.trial.run_id}.zip"
 
 
 def plan(args: Args, grids: dict[str, tuple[int, ...]]) -> list[Entry]:
@@ -611,6 +620,17 @@ def run(args: Args, folder: RunFolder, entries: list[Entry]) -> Path:
             f"resuming {run_dir}: {len(entries) - len(todo)} of {len(entries)} trials and "
             f"baselines finished ({dropped} rows of unfinished ones dropped)"
         )
+        unsaved = [
+            e.trial.run_id
+            for e in entries
+            if e.trial is not None and log.key_of(e.key) in done and not e.model(run_dir).is_file()
+        ]
+        if unsaved:
+            console.log(
+                f"{len(unsaved)} finished trials have no saved model (e.g. results without "
+                f"models/): their rows are kept and they are not trained again; "
+                f"--overwrite trains every agent and saves it ({', '.join(unsaved)})"
+            )
     with Progress(console=console) as progress:
         run_trials(args, [e.trial for e in todo if e.trial is not None], log, run_dir, progress)
         for method, live in lives.items():

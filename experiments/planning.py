@@ -311,10 +311,14 @@ def main(args: Args) -> Path:
             if log.key_of({"budget": budget, "policy": policy, "seed": seed, "window": window})
             not in done
         ]
+        # an agent is loaded or trained only for episodes still to play or a missing curve:
+        # committed results hold no models/ and resume without training again
         models = {
             (algo, seed): trained_agent(args, folder.path, algo, seed, budget, tables)
             for algo in args.agents
             for seed in range(args.seeds)
+            if any(how == (algo, seed) for _, _, how, _ in todo)
+            or not (folder.path / "curves" / f"{algo}__{budget:g}__{seed}.csv").is_file()
         }
         todo.sort(key=lambda item: item[3])  # window by window: its exact reference runs once
         for policy, seed, how, window in tqdm(todo, desc=f"budget {budget:g}", unit="ep"):

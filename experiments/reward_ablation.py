@@ -310,16 +310,24 @@ def main(args: Args) -> Path:
     log = RowLog(out / "per_window.csv", KEY)
     keys = {job: log.key_of(dict(zip(KEY, job, strict=True))) for job in jobs}
     counts = log.counts()
-    done = {
-        keys[job]
-        for job in jobs
-        if counts.get(keys[job]) == len(windows)
-        and (out / "models" / f"{run_id(*job)}.zip").is_file()
-    }
+    # an agent's rows are written after its model, so complete rows mean a finished agent;
+    # committed results hold no models/ and resume without training again
+    done = {keys[job] for job in jobs if counts.get(keys[job]) == len(windows)}
     log.retain(done)  # the rows of an agent cut short are made again
     todo = [job for job in jobs if keys[job] not in done]
     if folder.resuming:
         console.log(f"resuming {out}: {len(jobs) - len(todo)} of {len(jobs)} agents finished")
+        unsaved = [
+            run_id(*job)
+            for job in jobs
+            if keys[job] in done and not (out / "models" / f"{run_id(*job)}.zip").is_file()
+        ]
+        if unsaved:
+            console.log(
+                f"{len(unsaved)} finished agents have no saved model: their rows are kept and "
+                f"they are not trained again; --overwrite trains and saves every agent "
+                f"({', '.join(unsaved)})"
+            )
     with Progress(console=console) as progress:
         task = progress.add_task(f"{method}: train + evaluate", total=len(todo))
         for beta, gamma, seed in todo:

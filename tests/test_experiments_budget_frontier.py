@@ -75,7 +75,8 @@ def test_resume_may_name_other_budgets_and_keeps_the_finished_ones(run_dir, tmp_
     import shutil
 
     folder = tmp_path / "f"
-    shutil.copytree(run_dir, folder)
+    # as committed: no models/ (nor tensorboard/), which a resume does not need
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("models", "tensorboard"))
     summary = (folder / "budget_0.9" / "summary.csv").read_text()
     env = {"DRRL_CACHE_DIR": str(run_dir.parent.parent / "fr-cache")}
     base = [*TINY, "--out-dir", str(tmp_path), "--run-name", "f"]
@@ -86,11 +87,14 @@ def test_resume_may_name_other_budgets_and_keeps_the_finished_ones(run_dir, tmp_
 
     resume("0.6")  # a finished budget only: nothing trained, the frontier shows it alone
     assert sorted(set(pd.read_csv(folder / "frontier.csv")["budget"])) == [0.6]
+    assert not (folder / "budget_0.6" / "models").exists()
     resume("0.9", "0.6", "0.45")  # one more budget: run; the finished two kept as they were
     frontier = pd.read_csv(folder / "frontier.csv")
     assert sorted(set(frontier["budget"])) == [0.45, 0.6, 0.9]
     assert set(frontier.loc[frontier["budget"] == 0.45, "policy"]) == {"ppo_mlp", *BASELINES}
     assert (folder / "budget_0.9" / "summary.csv").read_text() == summary
+    models = {budget: folder / f"budget_{budget:g}" / "models" for budget in (0.9, 0.6, 0.45)}
+    assert [budget for budget, path in models.items() if path.exists()] == [0.45]  # trained
     config = json.loads((folder / "config.json").read_text())
     assert config["args"]["budgets"] == [0.9, 0.6], "the recorded arguments stay the run's"
     assert config["budgets_shown"] == [0.9, 0.6, 0.45] and config["resumed"] == 2

@@ -196,11 +196,16 @@ def test_resume_with_other_arguments_is_refused(run_dir, out, cache_dir):
 
 
 def test_resume_of_a_finished_run_changes_no_table(run_dir, out, cache_dir, tmp_path):
+    """A finished run as committed (no models/, no tensorboard/) resumes without training."""
     copy = out / "finished-copy"
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("models", "tensorboard"))
     done = run(out, "finished-copy", cache_dir, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "8 of 8 trials and baselines finished" in one_line(done.stdout)
+    stdout = one_line(done.stdout)
+    assert "8 of 8 trials and baselines finished" in stdout
+    assert "2 finished trials have no saved model" in stdout
+    assert "trained (" not in stdout  # no trial trained again
+    assert not (copy / "models").exists()
     for name in (*TABLES, "table.md"):
         assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
     assert json.loads((copy / "config.json").read_text())["resumed"] == 1

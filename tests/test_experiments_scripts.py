@@ -346,14 +346,19 @@ def test_reward_ablation_resumes_the_agents_it_lacks(ablation_dir, tmp_path, cac
     lines = complete.splitlines(keepends=True)
     (folder / "per_window.csv").write_text("".join(lines[:-1]))  # (0, 0.1) cut short
     (folder / "ablation.csv").unlink()
+    (folder / "models" / "beta0.5_gamma0__0.zip").unlink()  # finished, as committed: no model
     kept = snapshot(folder / "models")
-    run_script(
+    done = run_script(
         "experiments/reward_ablation.py", [*ABLATION, "--out-dir", str(tmp_path), "--resume"], cache
     )
     assert (folder / "per_window.csv").read_text() == complete  # training is seeded
     assert (folder / "ablation.csv").read_text() == (ablation_dir / "ablation.csv").read_text()
     models = snapshot(folder / "models")
-    assert [path.name for path in models if models[path] != kept[path]] == ["beta0_gamma0.1__0.zip"]
+    assert [path.name for path in models if models.get(path) != kept.get(path)] == [
+        "beta0_gamma0.1__0.zip"
+    ]
+    assert not (folder / "models" / "beta0.5_gamma0__0.zip").exists()  # not trained again
+    assert "1 finished agents have no saved model" in " ".join(done.stdout.split())
     logs = sorted(path.name for path in (folder / "tensorboard").iterdir())
     assert logs == ["beta0.5_gamma0.1__0_1", "beta0.5_gamma0__0_1", "beta0_gamma0.1__0_1"]
     config = json.loads((folder / "config.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -232,6 +234,11 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
     planning.main(planning.Args(**{**args.__dict__, "resume": True}))
     pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
     pd.testing.assert_frame_equal(pd.read_csv(curves[0]), curve)
+    # committed results hold no models/: a finished budget resumes without training
+    shutil.rmtree(folder / "models")
+    planning.main(planning.Args(**{**args.__dict__, "resume": True}))
+    assert not (folder / "models").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
     # another budget on resume: its rows are added, the tables show the budgets named
     planning.main(planning.Args(**{**args.__dict__, "resume": True, "budgets": (0.5,)}))
     rows = pd.read_csv(folder / "episodes.csv")
