@@ -7,7 +7,6 @@ folder is made.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,12 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pandas as pd
 import pytest
 import torch
-from script_runner import run_in_process
+from script_runner import load_script, run_in_process
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from agents import read_csv, replay_csv
@@ -58,17 +56,6 @@ TINY = [
     "0.05",
 ]
 TABLES = ("per_window.csv", "summary.csv")
-
-
-def load_script() -> ModuleType:
-    """Import the script (experiments/ is not a package) to reach its ``Args``."""
-    name = "script_compare_agents"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def script_env(cache: Path) -> dict[str, str]:
@@ -343,14 +330,14 @@ def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
     ],
 )
 def test_args_checks_name_the_argument(changes, message):
-    script = load_script()
+    script = load_script("experiments/compare_agents.py")
     with pytest.raises(ArgumentError) as raised:
         script.Args(**{"env_id": "DRRL-Tiny-v0", "device": "cpu", **changes})
     assert message in str(raised.value)
 
 
 def test_presets_fill_the_arguments_left_at_their_defaults():
-    script = load_script()
+    script = load_script("experiments/compare_agents.py")
     plain = script.Args(env_id="DRRL-Tiny-TopP-Budget-v0", device="cpu").resolved()
     assert plain.methods == ("topp",)  # the id's own method
     assert (plain.seq_len, plain.budget, plain.eval_windows) == (None, None, 12)
@@ -374,7 +361,7 @@ def test_cuda_message_says_how_to_install():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
     with pytest.raises(ArgumentError) as raised:
-        load_script().Args(device="cuda")
+        load_script("experiments/compare_agents.py").Args(device="cuda")
     assert "install a CUDA build of torch" in str(raised.value)
     assert "device='cpu'" in str(raised.value)
 

@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
+from script_runner import load_script
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import drrl_env
@@ -165,28 +166,13 @@ def test_imitation_refuses_an_unbudgeted_env_and_bad_settings(cache_root, budget
 # -- experiments/planning.py -------------------------------------------------------------
 
 
-def _planning():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "planning_script" in sys.modules:
-        return sys.modules["planning_script"]
-    path = Path(__file__).resolve().parents[1] / "experiments" / "planning.py"
-    spec = importlib.util.spec_from_file_location("planning_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, monkeypatch):
     import pandas as pd
 
     from harness.statistics import iqm
 
     monkeypatch.setenv("DRRL_CACHE_DIR", cache_root)
-    planning = _planning()
+    planning = load_script("experiments/planning.py")
     args = planning.Args(
         env_id="DRRL-Tiny-TopP-Budget-v0",
         budgets=(0.6,),
@@ -258,7 +244,7 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
     ],
 )
 def test_planning_script_refuses_bad_arguments(kwargs, message):
-    planning = _planning()
+    planning = load_script("experiments/planning.py")
     with pytest.raises(ValueError, match=message):
         planning.Args(**{"env_id": "DRRL-Tiny-TopP-Budget-v0", "device": "cpu", **kwargs})
 
