@@ -60,6 +60,7 @@ from harness.runs import (
     check_unique,
     execute,
     field_defaults,
+    unsaved_models_note,
     write_atomic,
 )
 
@@ -625,12 +626,8 @@ def run(args: Args, folder: RunFolder, entries: list[Entry]) -> Path:
             for e in entries
             if e.trial is not None and log.key_of(e.key) in done and not e.model(run_dir).is_file()
         ]
-        if unsaved:
-            console.log(
-                f"{len(unsaved)} finished trials have no saved model (e.g. results without "
-                f"models/): their rows are kept and they are not trained again; "
-                f"--overwrite trains every agent and saves it ({', '.join(unsaved)})"
-            )
+        if note := unsaved_models_note("trials", unsaved):
+            console.log(note)
     with Progress(console=console) as progress:
         run_trials(args, [e.trial for e in todo if e.trial is not None], log, run_dir, progress)
         for method, live in lives.items():

@@ -166,6 +166,12 @@ def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:
     }
 
 
+def agent_files(folder: Path, algo: str, budget: float, seed: int) -> tuple[Path, Path]:
+    """The saved model and learning curve of the agent ``algo`` of ``seed`` at ``budget``."""
+    stem = f"{algo}__{budget:g}__{seed}"
+    return folder / "models" / f"{stem}.zip", folder / "curves" / f"{stem}.csv"
+
+
 def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float, tables: dict):
     """The agent ``algo`` of ``seed`` at ``budget``, and its learning curve.
 
@@ -176,8 +182,8 @@ def trained_agent(args: Args, folder: Path, algo: str, seed: int, budget: float,
     """
     soft = {"enforce_budget": False} if algo in SOFT_BUDGET_LEARNERS else {}
     train = gym.make(args.env_id, **args.env_kwargs("train", budget), **soft)
-    stem = f"{algo}__{budget:g}__{seed}"
-    path, curve_path = folder / "models" / f"{stem}.zip", folder / "curves" / f"{stem}.csv"
+    path, curve_path = agent_files(folder, algo, budget, seed)
+    stem = path.stem
     saved = load_agent(path, env=train) if path.exists() else None
     if saved is not None and curve_path.exists():
         return saved
@@ -318,7 +324,7 @@ def main(args: Args) -> Path:
             for algo in args.agents
             for seed in range(args.seeds)
             if any(how == (algo, seed) for _, _, how, _ in todo)
-            or not (folder.path / "curves" / f"{algo}__{budget:g}__{seed}.csv").is_file()
+            or not agent_files(folder.path, algo, budget, seed)[1].is_file()
         }
         todo.sort(key=lambda item: item[3])  # window by window: its exact reference runs once
         for policy, seed, how, window in tqdm(todo, desc=f"budget {budget:g}", unit="ep"):

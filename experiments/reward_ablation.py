@@ -66,6 +66,7 @@ from harness.runs import (
     check_unique,
     registered_id,
     run_main,
+    unsaved_models_note,
 )
 
 console = Console()
@@ -322,12 +323,8 @@ def main(args: Args) -> Path:
             for job in jobs
             if keys[job] in done and not (out / "models" / f"{run_id(*job)}.zip").is_file()
         ]
-        if unsaved:
-            console.log(
-                f"{len(unsaved)} finished agents have no saved model: their rows are kept and "
-                f"they are not trained again; --overwrite trains and saves every agent "
-                f"({', '.join(unsaved)})"
-            )
+        if note := unsaved_models_note("agents", unsaved):
+            console.log(note)
     with Progress(console=console) as progress:
         task = progress.add_task(f"{method}: train + evaluate", total=len(todo))
         for beta, gamma, seed in todo:

@@ -275,6 +275,18 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
         raise SystemExit(130) from None
 
 
+def unsaved_models_note(noun: str, names: Sequence[str]) -> str | None:
+    """What a resume says of finished agents (``names``) whose model is not saved, e.g. in
+    committed results, which hold no ``models/``; None when every one is saved."""
+    if not names:
+        return None
+    return (
+        f"{len(names)} finished {noun} have no saved model (e.g. results without models/): "
+        f"their rows are kept and they are not trained again; --overwrite trains and saves "
+        f"every agent ({', '.join(names)})"
+    )
+
+
 # -- run folder -------------------------------------------------------------------------------
 
 

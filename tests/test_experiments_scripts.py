@@ -1,9 +1,9 @@
 """Smoke runs of the experiment scripts on the tiny model: every output exists and parses.
 
-Each script runs with a fresh cache folder, in the test process (as its command line would;
-the first run of each script as a subprocess with one torch thread, its ``__main__`` line
-included); every Markdown table it writes must equal the table regenerated from its CSV by
-the script's own renderer.
+Each script runs with a fresh cache folder in the test process, as its command line would
+(``script_runner``; the first ``flops_scaling`` run is a subprocess with one torch thread, its
+``__main__`` line included); every Markdown table it writes must equal the table regenerated
+from its CSV by the script's own renderer.
 """
 
 from __future__ import annotations
