@@ -23,7 +23,13 @@ from drrl_env.lm.measure import SweepProbe, TermProbe, loss_gradient
 from drrl_env.lm.models import load_model
 from drrl_env.lm.runner import LiveWindow, forward_with_cache, run_window
 from drrl_env.methods import make_method, method_class, register_method, unregister_method
-from drrl_env.methods.base import AttentionMethod, CallShape, Setting, exact_attention
+from drrl_env.methods.base import (
+    AttentionMethod,
+    CallShape,
+    Setting,
+    exact_attention,
+    full_attention,
+)
 
 TOL = 1e-5
 CONFIGS = ("plain", "full", "gram", "svd", "calibrated", "calibrated-kv", "topk")
@@ -319,6 +325,36 @@ class NudgedOutput(AttentionMethod):
         generator = torch.Generator().manual_seed(state["layer"])
         direction = torch.randn(output.shape, generator=generator, dtype=output.dtype)
         return output + self.epsilon * direction
+
+
+def saved_for_backward(lm, tokens, **kwargs) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for the backward of :func:`loss_gradient`."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_gradient(lm, tokens, **kwargs)
+    return shapes
+
+
+def test_the_loss_gradient_keeps_no_attention_matrix_and_equals_the_eager_one(tiny_llama):
+    """The fused kernel's backward keeps no (H, T, N) weights; its gradient is the eager one's."""
+    lm = tiny_llama
+    tokens = np.random.default_rng(5).integers(0, 256, 48)
+    square = (lm.n_heads, len(tokens), len(tokens))  # one layer's attention weights
+    assert not [s for s in saved_for_backward(lm, tokens) if s[-3:] == square]  # the default
+    # the check can fail: the eager operations keep one such matrix per layer (at least)
+    kept = [s for s in saved_for_backward(lm, tokens, attention=full_attention) if s[-3:] == square]
+    assert len(kept) >= lm.n_layers
+    fused, eager = loss_gradient(lm, tokens), loss_gradient(lm, tokens, full_attention)
+    assert fused.mean_nll == pytest.approx(eager.mean_nll, rel=1e-6)
+    for layer, (a, b) in enumerate(zip(fused.grads, eager.grads, strict=True)):
+        torch.testing.assert_close(
+            a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()), msg=f"layer {layer}"
+        )
 
 
 def test_the_loss_gradient_predicts_the_loss_change_to_first_order(tiny_llama):
