@@ -24,12 +24,16 @@ of this table.
 
 Writes ``episodes.csv`` (one row per live episode, appended as each finishes: ``--resume``
 skips the finished ones), ``headroom.csv``, ``headroom.md`` (generated from the CSV) and
-``headroom.png`` under ``<out_dir>/<run_name>``.
+``headroom.png`` under ``<out_dir>/<run_name>``. A resumed run may name more eval windows,
+other budgets, kinds or policies (:data:`GROWABLE`: a finished episode does not depend on
+them): it plays only the episodes it lacks, and the tables cover what this call names
+(``config.json``: ``table_covers``). Every other argument must match the run's.
 
     python experiments/adaptivity.py                                 # mix at 1024 tokens
     python experiments/adaptivity.py --env-id DRRL-Long-Mix-TopP-v0 --budgets 0.3 0.2
     python experiments/adaptivity.py --train-windows 6 --eval-windows 6 --resume
     python experiments/adaptivity.py --eval-corpus passkey --eval-windows 24   # retrieval
+    python experiments/adaptivity.py --eval-windows 48 --resume   # 24 more held-out windows
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from drrl_env.data.sources import DEFAULT_CORPUS
 from drrl_env.replay import replay
 from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
 from harness.runs import (
+    RESULT_FREE,
     ArgumentError,
     RowLog,
     RunArgs,
@@ -83,6 +88,10 @@ POLICIES = (
     "per_window_optimum",
 )
 REFERENCE = "static_layer"
+GROWABLE = ("eval_windows", "budgets", "kinds", "policies")
+"""Arguments a resumed run may change: an episode (budget, kind, policy, window) measures the
+same whatever else is played (held-out window ``i`` is the same text for any count), and the
+schedules are fitted on the train windows, which must match."""
 KEY = ("budget", "kind", "policy", "window")
 METRICS = ("mean_kl", "top1_agreement", "delta_ppl_pct", "retrieval_correct", "flops_ratio")
 COLUMNS_MD = table_columns(
@@ -308,7 +317,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 
 def main(args: Args) -> Path:
     """Fit every schedule on train windows, play it live on eval windows, write the table."""
-    folder = args.run_folder()
+    folder = args.run_folder((*RESULT_FREE, *GROWABLE))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train = gym.make(args.env_id, **args.env_kwargs("train", args.train_windows))
@@ -373,7 +382,9 @@ def main(args: Args) -> Path:
             "actions": json.dumps(schedule.tolist()),
         }
         log.append(pd.DataFrame([row]))
+    wanted = {log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans}
     rows = log.read()
+    rows = rows[[log.key_of(row) in wanted for row in rows[list(KEY)].to_dict("records")]]
     order = {"kind": list(kinds), "budget": list(args.budgets), "policy": list(POLICIES)}
     for column, values in order.items():
         rows[column] = pd.Categorical(rows[column], categories=values, ordered=True)
@@ -383,7 +394,10 @@ def main(args: Args) -> Path:
     written = pd.read_csv(folder.path / "headroom.csv")
     (folder.path / "headroom.md").write_text(markdown_from_frame(written, COLUMNS_MD))
     plot(written, folder.path / "headroom.png")
-    folder.update_config(wall_s=time.perf_counter() - started, episodes=len(rows), notes=notes)
+    covers = {**{name: getattr(args, name) for name in GROWABLE}, "kinds": kinds}
+    folder.update_config(
+        wall_s=time.perf_counter() - started, episodes=len(rows), notes=notes, table_covers=covers
+    )
     print((folder.path / "headroom.md").read_text())
     for where, note in notes.items():
         print(f"left out: {where}: {note}")

@@ -243,6 +243,53 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
     assert "| retrieval | retrieval − exact | retrieval − static_layer |" in markdown
 
 
+def test_a_resumed_adaptivity_run_grows_into_the_run_made_at_once(tmp_path) -> None:
+    """``--resume`` with more eval windows and another budget plays only what is missing; the
+    grown run's episodes and table equal those of one run with those arguments, and naming
+    fewer windows again gives the smaller run's table back."""
+    _skip_without_wikitext()
+    common = [
+        "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--train-windows", "3", "--threads", "1",
+        "--policies", "uniform", "static_layer", "per_window_optimum",
+    ]  # fmt: skip
+    small = [*common, "--budgets", "0.6", "--eval-windows", "3"]
+    grown = [*common, "--budgets", "0.6", "0.45", "--eval-windows", "6"]
+    cache = tmp_path / "cache"
+    grow = ["--out-dir", str(tmp_path / "grow")]
+    assert _run([*small, *grow], cache).returncode == 0
+    folder = tmp_path / "grow" / "adaptivity"
+    first_rows = pd.read_csv(folder / "episodes.csv")
+    first_table = (folder / "headroom.csv").read_text()
+    result = _run([*grown, *grow, "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.read_csv(folder / "episodes.csv")
+    pd.testing.assert_frame_equal(rows.iloc[: len(first_rows)], first_rows)  # kept, not replayed
+    once = tmp_path / "once"
+    assert _run([*grown, "--out-dir", str(once)], cache).returncode == 0
+    made_at_once = pd.read_csv(once / "adaptivity" / "episodes.csv")
+    key = list(("budget", "kind", "policy", "window"))
+    pd.testing.assert_frame_equal(
+        rows.sort_values(key).reset_index(drop=True),
+        made_at_once.sort_values(key).reset_index(drop=True),
+    )
+    assert (folder / "headroom.csv").read_text() == (
+        once / "adaptivity" / "headroom.csv"
+    ).read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["args"]["eval_windows"] == 3 and config["resumed"] == 1
+    assert config["table_covers"] == {
+        "eval_windows": 6,
+        "budgets": [0.6, 0.45],
+        "kinds": ["prose", "code", "passkey", "mix"],
+        "policies": ["uniform", "static_layer", "per_window_optimum"],
+    }
+    # naming the first run's arguments again plays nothing and shows its table
+    again = _run([*small, *grow, "--resume"], cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(pd.read_csv(folder / "episodes.csv")) == len(rows)
+    assert (folder / "headroom.csv").read_text() == first_table
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
