@@ -158,6 +158,28 @@ def test_the_exact_setting_is_exact_attention_and_keeps_every_causal_key():
 # -- kept counts -----------------------------------------------------------------------------
 
 
+def test_mass_counts_by_hand_with_the_floor_the_causal_keys_and_a_rounding_dip():
+    from drrl_env.methods.topp import key_positions, mass_counts
+
+    mass = torch.tensor([[[[0.5, 0.7, 0.9, 0.95, 1.0], [0.2, 0.6, 0.6, 0.8999, 0.9]]]])
+    dipped = mass.clone()
+    dipped[0, 0, 1, 2] = 0.59999  # a float scan's dip below an earlier prefix
+    n_i = torch.tensor([[[5, 4]]])
+    low = n_i.clamp_max(2)
+    for cumulative in (mass, dipped):
+        counts = mass_counts(cumulative, [0.0, 0.6, 0.9, 1.0], n_i, low)
+        assert counts[0.0].tolist() == [[[2, 2]]]  # the floor: min(n_i, min_keys)
+        assert counts[0.6].tolist() == [[[2, 2]]]  # first prefix reaching 0.6: 2 and 2 keys
+        assert counts[0.9].tolist() == [[[3, 4]]]  # 0.9 at key 3; at key 5, capped by n_i 4
+        assert counts[1.0].tolist() == [[[5, 4]]]  # p = 1: every causal key
+    order = torch.tensor([[[[3, 0, 2], [1, 2, 0]]]])  # a partial ordering of 4 keys
+    position = key_positions(order, 4)
+    assert position.tolist() == [[[[1, 4, 2, 0], [2, 0, 1, 4]]]]  # unlisted keys: 4
+    assert (position < torch.tensor([[[2, 3]]])[..., None]).tolist() == [
+        [[[True, False, False, True], [True, True, True, False]]]
+    ]
+
+
 @pytest.mark.parametrize("min_keys", [1, 3, 30])
 @pytest.mark.parametrize("mass", [0.0, 0.3, 0.9])
 def test_kept_counts_are_the_fewest_keys_reaching_the_mass(min_keys, mass):

@@ -65,6 +65,37 @@ def sort_comparisons(keys: int) -> int:
     return (keys - 1).bit_length()
 
 
+def mass_counts(
+    mass: torch.Tensor, masses: Sequence[float], n_i: torch.Tensor, low: torch.Tensor
+) -> dict[float, torch.Tensor]:
+    """Keys kept per query at each mass target: ``{p: (B, H, Tc)}``.
+
+    ``mass`` (B, H, Tc, k) is each row's cumulative estimated weight in decreasing order;
+    ``n_i`` and ``low`` (B, 1, Tc) are the causal keys and the floor ``min(n_i, min_keys)``.
+    ``#(mass < p)`` is found by binary search, as the cumulative sum of non-negative weights
+    never decreases (on CPU a float32 cumsum accumulates sequentially in float64, so the
+    running maximum taken here changes nothing; it only guarantees the order elsewhere).
+    """
+    mass = mass.cummax(dim=-1).values
+    targets = torch.tensor(masses, dtype=mass.dtype, device=mass.device)
+    below = torch.searchsorted(mass, targets.expand(*mass.shape[:-1], len(masses)).contiguous())
+    return {
+        p: torch.minimum(n_i, torch.maximum(low, below[..., j] + 1))
+        if p < 1
+        else n_i.expand_as(mass[..., 0])
+        for j, p in enumerate(masses)
+    }
+
+
+def key_positions(order: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Each key's place in its row of ``order`` (B, H, Tc, k): (B, H, Tc, n_keys) int64, and
+    ``n_keys`` for a key the row does not list, so ``position < count`` keeps a row's first
+    ``count`` keys (one scatter for every mass target)."""
+    slots = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    position = torch.full((*order.shape[:-1], n_keys), n_keys, device=order.device)
+    return position.scatter_(-1, order, slots)
+
+
 class TopPMethod(SelectingMethod):
     """Rank-r estimated attention picks each query's keys holding mass p; exact attention on them.
 
@@ -128,12 +159,7 @@ class TopPMethod(SelectingMethod):
                 if k == n_keys or not bool(short.any()):
                     break
                 k = n_keys  # a second partial round would cost more than one full sort
-            counts = {
-                p: torch.minimum(n_i, torch.maximum(low, (mass < p).sum(dim=-1) + 1))
-                if p < 1
-                else n_i.expand_as(mass[..., 0])
-                for p in masses
-            }  # p -> (B, H, Tc)
+            counts = mass_counts(mass, masses, n_i, low)  # p -> (B, H, Tc)
             needed = int(max(c.max() for c in counts.values()))
             guess = 1 << max(needed - 1, 0).bit_length()  # the next chunk's first k
             yield start, stop, order, counts
@@ -151,13 +177,12 @@ class TopPMethod(SelectingMethod):
         batch, heads, queries, _ = query.shape
         n_keys = state["rotated_keys"].shape[2]
         shape = (batch, heads, queries, n_keys)
-        kept = {p: torch.zeros(shape, dtype=torch.bool, device=query.device) for p in masses}
+        kept = {p: torch.empty(shape, dtype=torch.bool, device=query.device) for p in masses}
         totals = {p: torch.zeros((), dtype=torch.long, device=query.device) for p in masses}
         for start, stop, order, counts in self.ranked(state, query, mask, scaling, rank, masses):
-            slots = torch.arange(order.shape[-1], device=query.device)
+            position = key_positions(order, n_keys)  # (B, H, Tc, N)
             for p, count in counts.items():
-                chosen = slots < count[..., None]  # (B, H, Tc, k) in order
-                kept[p][:, :, start:stop].scatter_(-1, order, chosen)
+                torch.lt(position, count[..., None], out=kept[p][:, :, start:stop])
                 totals[p] += count.sum()
         return kept, {p: int(total) for p, total in totals.items()}
 
@@ -261,11 +286,7 @@ class TopPMethod(SelectingMethod):
         for start, stop, order, counts in self.ranked(
             state, query, mask, scaling, setting.rank, [p]
         ):
-            slots = torch.arange(order.shape[-1], device=query.device)
-            chosen = slots < counts[p][..., None]  # (B, H, Tc, k) in order
-            kept = torch.zeros(
-                (*order.shape[:-1], keys.shape[2]), dtype=torch.bool, device=query.device
-            ).scatter_(-1, order, chosen)  # (B, H, Tc, N) by key index
+            kept = key_positions(order, keys.shape[2]) < counts[p][..., None]  # (B, H, Tc, N)
             scores = torch.matmul(query[:, :, start:stop], keys.transpose(2, 3)) * scaling
             output[:, :, start:stop] = self._masked_output(scores, values, kept)
             total += counts[p].sum()
