@@ -364,7 +364,8 @@ def main(args: Args) -> Path:
     log = RowLog(folder.path / "episodes.csv", KEY)
     done = log.keys()
     played: dict[tuple[int, bytes], dict] = {}
-    todo = [p for p in plans if log.key_of(dict(zip(KEY, p[:4], strict=True))) not in done]
+    wanted = [log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans]
+    todo = [plan for plan, key in zip(plans, wanted, strict=True) if key not in done]
     todo.sort(key=lambda plan: plan[3])  # window by window: its exact reference runs once
     for budget, kind, policy, window, schedule in tqdm(todo, desc="live episodes", unit="ep"):
         key = (window, schedule.tobytes())
@@ -382,9 +383,9 @@ def main(args: Args) -> Path:
             "actions": json.dumps(schedule.tolist()),
         }
         log.append(pd.DataFrame([row]))
-    wanted = {log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans}
+    covered = set(wanted)  # the tables cover this call's plans (a resumed log may hold more)
     rows = log.read()
-    rows = rows[[log.key_of(row) in wanted for row in rows[list(KEY)].to_dict("records")]]
+    rows = rows[[log.key_of(row) in covered for row in rows[list(KEY)].to_dict("records")]]
     order = {"kind": list(kinds), "budget": list(args.budgets), "policy": list(POLICIES)}
     for column, values in order.items():
         rows[column] = pd.Categorical(rows[column], categories=values, ordered=True)
