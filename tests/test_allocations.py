@@ -148,6 +148,12 @@ def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     return run_in_process("experiments/adaptivity.py", args, {"DRRL_CACHE_DIR": str(cache)})
 
 
+@pytest.fixture(scope="module")
+def mix_cache(tmp_path_factory) -> Path:
+    """One rollout cache for the script tests of this module (each run only adds windows)."""
+    return tmp_path_factory.mktemp("mix-cache")
+
+
 def _skip_without_wikitext() -> None:
     """The mix needs WikiText-2 on disk (its prose and passkey filler)."""
     from drrl_env.data import DataNotFoundError, resolve_source
@@ -158,14 +164,14 @@ def _skip_without_wikitext() -> None:
         pytest.skip("no local WikiText-2")
 
 
-def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
+def test_adaptivity_script_writes_the_headroom_table(tmp_path, mix_cache) -> None:
     _skip_without_wikitext()
     args = [
         "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--budgets", "0.6", "--train-windows", "3",
         "--eval-windows", "3", "--evaluations", "10", "--out-dir", str(tmp_path),
         "--threads", "1",
     ]  # fmt: skip
-    result = _run(args, tmp_path / "cache")
+    result = _run(args, mix_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "adaptivity"
     rows = pd.read_csv(folder / "episodes.csv")
@@ -198,14 +204,14 @@ def test_adaptivity_script_writes_the_headroom_table(tmp_path) -> None:
     assert markdown.startswith("| kind | budget | policy | mean token KL |")
     assert (folder / "headroom.png").read_bytes().startswith(b"\x89PNG")
     # resuming plays nothing again; a different argument is refused
-    again = _run([*args, "--resume"], tmp_path / "cache")
+    again = _run([*args, "--resume"], mix_cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(pd.read_csv(folder / "episodes.csv")) == len(rows)
-    changed = _run([*args, "--resume", "--evaluations", "11"], tmp_path / "cache")
+    changed = _run([*args, "--resume", "--evaluations", "11"], mix_cache)
     assert changed.returncode == 2 and "evaluations" in changed.stderr
 
 
-def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
+def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path, mix_cache) -> None:
     """``--eval-corpus passkey``: fitted on the mix's train windows, scored on passkey ones."""
     _skip_without_wikitext()
     args = [
@@ -214,7 +220,7 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
         "--policies", "uniform", "static_layer", "per_window_optimum",
         "--out-dir", str(tmp_path), "--threads", "1",
     ]  # fmt: skip
-    result = _run(args, tmp_path / "cache")
+    result = _run(args, mix_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.read_csv(tmp_path / "adaptivity" / "episodes.csv")
     assert set(rows["kind"]) == {"passkey"} and set(rows["window_kind"]) == {"passkey"}
@@ -243,31 +249,30 @@ def test_adaptivity_scores_held_out_windows_of_another_corpus(tmp_path) -> None:
     assert "| retrieval | retrieval − exact | retrieval − static_layer |" in markdown
 
 
-def test_a_resumed_adaptivity_run_grows_into_the_run_made_at_once(tmp_path) -> None:
+def test_a_resumed_adaptivity_run_grows_into_the_run_made_at_once(tmp_path, mix_cache) -> None:
     """``--resume`` with more eval windows and another budget plays only what is missing; the
     grown run's episodes and table equal those of one run with those arguments, and naming
     fewer windows again gives the smaller run's table back."""
     _skip_without_wikitext()
     common = [
         "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--train-windows", "3", "--threads", "1",
-        "--policies", "uniform", "static_layer", "per_window_optimum",
+        "--policies", "static_layer", "per_window_optimum",
     ]  # fmt: skip
     small = [*common, "--budgets", "0.6", "--eval-windows", "3"]
     grown = [*common, "--budgets", "0.6", "0.45", "--eval-windows", "6"]
-    cache = tmp_path / "cache"
     grow = ["--out-dir", str(tmp_path / "grow")]
-    assert _run([*small, *grow], cache).returncode == 0
+    assert _run([*small, *grow], mix_cache).returncode == 0
     folder = tmp_path / "grow" / "adaptivity"
     first_rows = pd.read_csv(folder / "episodes.csv")
     first_table = (folder / "headroom.csv").read_text()
-    result = _run([*grown, *grow, "--resume"], cache)
+    result = _run([*grown, *grow, "--resume"], mix_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.read_csv(folder / "episodes.csv")
     pd.testing.assert_frame_equal(rows.iloc[: len(first_rows)], first_rows)  # kept, not replayed
     once = tmp_path / "once"
-    assert _run([*grown, "--out-dir", str(once)], cache).returncode == 0
+    assert _run([*grown, "--out-dir", str(once)], mix_cache).returncode == 0
     made_at_once = pd.read_csv(once / "adaptivity" / "episodes.csv")
-    key = list(("budget", "kind", "policy", "window"))
+    key = ["budget", "kind", "policy", "window"]
     pd.testing.assert_frame_equal(
         rows.sort_values(key).reset_index(drop=True),
         made_at_once.sort_values(key).reset_index(drop=True),
@@ -281,10 +286,10 @@ def test_a_resumed_adaptivity_run_grows_into_the_run_made_at_once(tmp_path) -> N
         "eval_windows": 6,
         "budgets": [0.6, 0.45],
         "kinds": ["prose", "code", "passkey", "mix"],
-        "policies": ["uniform", "static_layer", "per_window_optimum"],
+        "policies": ["static_layer", "per_window_optimum"],
     }
     # naming the first run's arguments again plays nothing and shows its table
-    again = _run([*small, *grow, "--resume"], cache)
+    again = _run([*small, *grow, "--resume"], mix_cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(pd.read_csv(folder / "episodes.csv")) == len(rows)
     assert (folder / "headroom.csv").read_text() == first_table
