@@ -409,7 +409,9 @@ class RunFolder:
         """Check, then make the folder ready: created, emptied (overwrite) or kept (resume).
 
         A new or overwritten run gets a ``config.json`` with ``args`` and ``metadata``; a
-        resumed run keeps its file and counts the resumption.
+        resumed run keeps its file (``args`` stay the first call's), counts the resumption
+        and appends to ``args_resumed`` the arguments this call gives other values (``{}``
+        when none), so a run grown on ``--resume`` records what each call asked for.
 
         Returns:
             The folder.
@@ -425,7 +427,14 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if resuming:
             config = json.loads(self.config_path.read_text())
-            self.update_config(resumed=int(config.get("resumed", 0)) + 1, **metadata)
+            recorded, current = config.get("args", {}), plain(dict(args))
+            was = {**self.defaults, **recorded}  # an argument the record lacks: its default
+            changed = {n: current[n] for n in sorted(current) if was.get(n) != current[n]}
+            self.update_config(
+                resumed=int(config.get("resumed", 0)) + 1,
+                args_resumed=[*config.get("args_resumed", []), changed],
+                **metadata,
+            )
         else:
             write_atomic(self.config_path, _json({"args": plain(dict(args)), **metadata}))
         return self.path

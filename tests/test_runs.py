@@ -182,6 +182,7 @@ def test_resume_keeps_results_and_counts_resumptions(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["resumed"] == 2
     assert config["args"]["threads"] == 2, "the recorded arguments stay those of the run"
+    assert config["args_resumed"] == [{"out_dir": "elsewhere", "threads": 8}, {}]
 
 
 def test_wall_time_of_every_part_of_a_resumed_run_is_kept(tmp_path):
