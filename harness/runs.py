@@ -393,11 +393,13 @@ class RunFolder:
                 f"arguments ({type(error).__name__}: {error}); use --overwrite to start again"
             ) from None
 
-    def differing_args(self, recorded: Mapping[str, Any], args: Mapping[str, Any]) -> list[str]:
-        """Names of the arguments, ``ignored`` left out, whose values differ (one the record
-        lacks compares as its default, when it has one)."""
+    def differing_args(
+        self, recorded: Mapping[str, Any], args: Mapping[str, Any], *, every: bool = False
+    ) -> list[str]:
+        """Names of the arguments, ``ignored`` left out unless ``every``, whose values differ
+        (one the record lacks compares as its default, when it has one)."""
         current = plain(dict(args))
-        names = (set(recorded) | set(current)) - self.ignored
+        names = (set(recorded) | set(current)) - (set() if every else self.ignored)
         missing = object()
 
         def was(name: str) -> Any:
@@ -427,9 +429,9 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if resuming:
             config = json.loads(self.config_path.read_text())
-            recorded, current = config.get("args", {}), plain(dict(args))
-            was = {**self.defaults, **recorded}  # an argument the record lacks: its default
-            changed = {n: current[n] for n in sorted(current) if was.get(n) != current[n]}
+            current = plain(dict(args))
+            names = self.differing_args(config.get("args", {}), current, every=True)
+            changed = {n: current[n] for n in names if n in current}
             self.update_config(
                 resumed=int(config.get("resumed", 0)) + 1,
                 args_resumed=[*config.get("args_resumed", []), changed],
