@@ -103,8 +103,8 @@ def test_every_kind_is_registered_in_order() -> None:
     assert spellings[5:] == (
         "hf:<dataset>[:<config>][@<split>]",
         "code[:<glob>]",
-        "passkey[:<seed>]",
-        "passkey-ruler[:<seed>]",
+        "passkey[:<seed>|seed=S,needles=N]",
+        "passkey-ruler[:<seed>|seed=S,needles=N]",
         "mix[:<seed>]",
     )
     for name in corpus_names():
@@ -126,7 +126,8 @@ def test_registry_refuses_bad_names() -> None:
 def test_options_only_where_a_kind_takes_them(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'text' takes no ':' option"):
         resolve_source("text:x", tmp_path)
-    with pytest.raises(ValueError, match=r"unknown corpus 'ptb:3'.*'passkey\[:<seed>\]'"):
+    known = r"'passkey\[:<seed>\|seed=S,needles=N\]'"
+    with pytest.raises(ValueError, match=rf"unknown corpus 'ptb:3'.*{known}"):
         resolve_source("ptb:3")
 
 
@@ -466,15 +467,25 @@ def _encode(text: str) -> list[int]:
     return ByteTokenizer().encode(text)
 
 
-@pytest.mark.parametrize("corpus", ["passkey", "passkey:7", "passkey-ruler", "passkey-ruler:7"])
-def test_passkey_windows_are_exact(filler: Path, corpus: str) -> None:
+@pytest.mark.parametrize(
+    ("corpus", "seed", "needles"),
+    [
+        ("passkey", 0, 1),
+        ("passkey:7", 7, 1),
+        ("passkey-ruler", 0, 1),
+        ("passkey-ruler:7", 7, 1),
+        ("passkey:needles=2", 0, 2),
+        ("passkey-ruler:needles=3, seed=7", 7, 3),
+    ],
+)
+def test_passkey_windows_are_exact(filler: Path, corpus: str, seed: int, needles: int) -> None:
     seq_len = 600
     ws = load_windows(ByteTokenizer(), seq_len, split="eval", corpus=corpus, data_path=filler)
     prose = load_windows(ByteTokenizer(), seq_len, split="eval", data_path=filler)
-    assert ws.tokens.shape == (len(prose), seq_len) and ws.tokens.dtype == np.int64
+    assert len(prose) >= 2
+    assert ws.tokens.shape == (needles * len(prose), seq_len) and ws.tokens.dtype == np.int64
     assert ws.corpus == corpus
     ruler = corpus.startswith("passkey-ruler")
-    seed = int(corpus.partition(":")[2] or 0)
     meta = ws.metadata
     assert set(meta) == {"answer", "key", "depth", "needle_start", "needle_end"}
     for i, row in enumerate(ws.tokens):
@@ -505,7 +516,8 @@ def test_passkey_windows_are_exact(filler: Path, corpus: str) -> None:
         assert depth == passkey.needle_depth(seed, "eval", i) and 0 <= depth <= 1
         assert start - len(head) == round(depth * room)
         filler_tokens = np.concatenate([row[len(head) : start], row[end : -len(tail)]])
-        np.testing.assert_array_equal(filler_tokens, prose.tokens[i, :room])
+        np.testing.assert_array_equal(filler_tokens, prose.tokens[i // needles, :room])
+    assert len(set(meta["answer"])) == len(ws)  # every needle of a filler window is new
 
 
 def test_passkey_depths_spread_and_keys_vary(filler: Path) -> None:
@@ -555,6 +567,21 @@ def test_passkey_fingerprint_and_errors(filler: Path) -> None:
     assert base.startswith("passkey:")
     assert source_fingerprint("passkey:0", filler) == base
     assert source_fingerprint("passkey:1", filler) != base
+    # named values: the plain spelling's windows keep their fingerprint, more needles do not
+    assert source_fingerprint("passkey:seed=0,needles=1", filler) == base
+    assert source_fingerprint("passkey:seed=1", filler) == source_fingerprint("passkey:1", filler)
+    assert source_fingerprint("passkey:needles=2", filler) != base
+    assert "2 needles per filler window" in resolve_source("passkey:needles=2", filler).describe()
+    for option, message in [
+        ("needles=0", "needles must be an integer >= 1, got '0'"),
+        ("seed=-1", "seed must be an integer >= 0, got '-1'"),
+        ("needles=two", "needles must be an integer >= 1, got 'two'"),
+        ("depth=0.5", "names: seed, needles; got 'depth=0.5'"),
+        ("seed=1,seed=2", "seed is given twice"),
+        ("needles", "the option is a seed"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            resolve_source(f"passkey:{option}", filler)
     assert source_fingerprint("passkey-ruler", filler).startswith("passkey-ruler:")
     filler.write_text(filler.read_text().replace("item", "thing"), encoding="utf-8")
     assert source_fingerprint("passkey", filler) != base

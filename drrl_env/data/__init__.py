@@ -17,7 +17,8 @@ Kinds (``corpus=``), one :class:`~drrl_env.data.sources.Source` subclass each un
 ``code[:GLOB]``            source files of ``data_path`` matching ``GLOB`` (``**/*.py``), one
                            document each; default folder: this Python's standard library.
 ``passkey[:SEED]``         passkey retrieval windows (Landmark / LongLoRA format) over
-                           WikiText filler; each window carries its answer and needle depth.
+                           WikiText filler; each window carries its answer and needle depth
+                           (``passkey:seed=S,needles=N``: N windows per filler window).
 ``passkey-ruler[:SEED]``   the same with RULER's single needle (word-pair key, 7 digits).
 ``mix[:SEED]``             prose, code and passkey windows in turn (``kind`` and ``answer``
                            per window).

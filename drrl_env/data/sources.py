@@ -14,7 +14,7 @@
                     ``text_field``; ``hf:ID[:CONFIG]@SPLIT`` picks another split.
 ``code[:GLOB]``     source files of a folder (default: this Python's standard library).
 ``passkey[:SEED]``  passkey retrieval windows over WikiText filler (``passkey-ruler``:
-                    RULER's single needle).
+                    RULER's single needle; ``:seed=S,needles=N``: N per filler window).
 ``mix[:SEED]``      prose, code and passkey windows in turn.
 ==================  =======================================================================
 

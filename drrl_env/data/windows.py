@@ -259,8 +259,8 @@ def load_windows(
         corpus: A registered kind (:func:`~drrl_env.data.registry.corpus_names`), with its
             option if any: ``wikitext-2``, ``wikitext-103``, ``text``, ``jsonl``,
             ``folder``, ``hf:<dataset>[:<config>][@<split>]``, ``code[:<glob>]``,
-            ``passkey[:<seed>]``, ``passkey-ruler[:<seed>]`` (see
-            :mod:`drrl_env.data.sources`).
+            ``passkey[:<seed>]``, ``passkey-ruler[:<seed>]``, ``passkey:seed=S,needles=N``
+            (see :mod:`drrl_env.data.sources`).
         data_path: Local file or folder; with ``corpus`` left at ``wikitext-2`` its kind is
             detected (``code``: the folder; ``passkey``: the filler's source).
         eval_fraction: Fraction of documents held out for ``eval``, in (0, 1).

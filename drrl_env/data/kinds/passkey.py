@@ -1,4 +1,4 @@
-"""``passkey[:<seed>]`` and ``passkey-ruler[:<seed>]``: retrieval windows over prose filler.
+"""``passkey[:<option>]`` and ``passkey-ruler[:<option>]``: retrieval windows over prose filler.
 
 Each window is exactly ``seq_len`` tokens, built from token ids::
 
@@ -16,6 +16,13 @@ document split decides which filler a split uses, and a split has as many passke
 prose windows. Window ``i``'s key and depth depend only on ``(seed, split, i)``: they are
 drawn from sha256 digests, stable across machines and library versions. The needle starts
 ``round(depth * F)`` filler tokens into the ``F`` filler tokens of the window.
+
+The option is a seed (``passkey:3``) or named values ``seed=S,needles=N`` (either may be
+left out; defaults 0 and 1). With ``needles=N`` each filler window carries ``N`` windows,
+each with its own key and depth: window ``i`` is filled from prose window ``i // N``, so a
+split has ``N`` times as many passkey windows (as RULER draws many needles over one
+haystack). Long windows need it: WikiText-2's eval split yields 12 prose windows of 4096
+tokens. ``needles=1`` is the plain spelling, with the same windows and fingerprint.
 
 Per-window metadata (:attr:`~drrl_env.data.windows.WindowSet.metadata`): ``answer`` (the
 digits expected, str), ``key`` (``passkey``: the pass key; ``passkey-ruler``: the word
@@ -50,6 +57,8 @@ PASSKEY_FORMAT = 1
 """Bumped when the construction changes, so cached windows of another construction are rebuilt."""
 DEPTH_STEPS = 1_000_000
 """Depths are drawn on a grid of this many steps in [0, 1]."""
+OPTION_NAMES = ("seed", "needles")
+"""The names the option may give values to (``seed=S,needles=N``)."""
 
 PASSKEY_HEADER = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -118,38 +127,68 @@ class PasskeySource(Source):
     Attributes:
         seed: Seeds every window's key and depth.
         filler: The source whose prose fills the windows.
+        needles: Windows per filler window, each with its own key and depth.
     """
 
     seed: int = DEFAULT_SEED
     filler: Source | None = None
+    needles: int = 1
 
-    spelling = "passkey[:<seed>]"
+    spelling = "passkey[:<seed>|seed=S,needles=N]"
     takes_option = True
     rule = "passkey windows: the filler's documents (WikiText articles by default)"
     variant: ClassVar[str] = "passkey"
 
     @classmethod
     def resolve(cls, request: CorpusRequest) -> Source:
-        """The seed (``option``, default 0) and the filler found as the default corpus is.
+        """The seed and needles (``option``) and the filler found as the default corpus is.
 
         Raises:
-            ValueError: If the seed is not a non-negative integer.
+            ValueError: If the option is neither a seed (a non-negative integer) nor
+                ``seed=S,needles=N`` with known names given once each, ``S >= 0`` and
+                ``N >= 1``.
             DataNotFoundError: If ``data_path`` does not exist.
         """
         corpus, option, data_path, text_field = request
-        seed = DEFAULT_SEED
-        if option is not None:
-            if not option.isdigit():
-                raise ValueError(
-                    f"corpus={corpus!r}: the option is a seed, a non-negative integer "
-                    f"('{cls.variant}:3'), got {option!r}"
-                )
-            seed = int(option)
+        values = cls.parse_option(corpus, option)
         filler = resolve_source(DEFAULT_CORPUS, data_path, text_field)
-        return cls(corpus, cls.variant, filler.path, text_field, seed=seed, filler=filler)
+        return cls(corpus, cls.variant, filler.path, text_field, filler=filler, **values)
+
+    @classmethod
+    def parse_option(cls, corpus: str, option: str | None) -> dict[str, int]:
+        """``{"seed": S, "needles": N}`` from ``None``, ``"S"`` or ``"seed=S,needles=N"``."""
+        values = {"seed": DEFAULT_SEED, "needles": 1}
+        if option is None:
+            return values
+        if option.isdigit():
+            return {**values, "seed": int(option)}
+        usage = (
+            f"the option is a seed, a non-negative integer ('{cls.variant}:3'), or named "
+            f"values ('{cls.variant}:seed=3,needles=2')"
+        )
+        given: set[str] = set()
+        for item in option.split(","):
+            name, equals, value = item.partition("=")
+            name = name.strip()
+            if not equals or name not in OPTION_NAMES:
+                raise ValueError(
+                    f"corpus={corpus!r}: {usage}; names: {', '.join(OPTION_NAMES)}; got {item!r}"
+                )
+            if name in given:
+                raise ValueError(f"corpus={corpus!r}: {name} is given twice")
+            given.add(name)
+            value = value.strip()
+            least = 1 if name == "needles" else 0
+            if not value.isdigit() or int(value) < least:
+                raise ValueError(
+                    f"corpus={corpus!r}: {name} must be an integer >= {least}, got {value!r}"
+                )
+            values[name] = int(value)
+        return values
 
     def describe(self) -> str:
-        return f"{self.variant} windows (seed {self.seed}) over {self.filler.describe()}"
+        needles = f", {self.needles} needles per filler window" if self.needles != 1 else ""
+        return f"{self.variant} windows (seed {self.seed}{needles}) over {self.filler.describe()}"
 
     def fingerprint(self) -> str:
         parts = [
@@ -158,6 +197,8 @@ class PasskeySource(Source):
             ["seed", self.seed],
             ["filler", self.filler.fingerprint()],
         ]
+        if self.needles != 1:  # the plain spelling keeps the fingerprint it always had
+            parts.append(["needles", self.needles])
         return digest_fingerprint(self.kind, parts)
 
     def read(self) -> list[Document]:
@@ -177,16 +218,17 @@ class PasskeySource(Source):
     def build_windows(
         self, tokenizer: Tokenizer, seq_len: int, split: str, eval_fraction: float
     ) -> tuple[np.ndarray, Metadata]:
-        """One window per filler window of the split, each exactly ``seq_len`` tokens.
+        """``needles`` windows per filler window of the split, each exactly ``seq_len`` tokens.
 
         Raises:
             ValueError: If ``seq_len`` cannot hold the header, needle and question, or the
                 filler's split holds fewer than ``seq_len`` tokens.
         """
         prose, _ = self.filler.build_windows(tokenizer, seq_len, split, eval_fraction)
-        tokens = np.empty_like(prose)
+        tokens = np.empty((len(prose) * self.needles, seq_len), dtype=prose.dtype)
         rows: dict[str, list] = {n: [] for n in ("answer", "key", "depth", "start", "end")}
-        for index, filler in enumerate(prose):
+        for index in range(len(tokens)):
+            filler = prose[index // self.needles]
             texts = self.needle(split, index)
             header = _encode(tokenizer, texts.header + "\n")
             needle = _encode(tokenizer, "\n" + texts.needle + "\n")
@@ -221,7 +263,7 @@ class PasskeySource(Source):
 class RulerPasskeySource(PasskeySource):
     """RULER's single needle: a word-pair key and a 7-digit value; see the module docstring."""
 
-    spelling = "passkey-ruler[:<seed>]"
+    spelling = "passkey-ruler[:<seed>|seed=S,needles=N]"
     variant: ClassVar[str] = "passkey-ruler"
 
     @classmethod
