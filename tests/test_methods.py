@@ -567,6 +567,19 @@ def test_block_sparse_fused_path_stays_compiled_past_torchs_recompile_limit(monk
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5, msg=f"L={length}")
 
 
+def test_block_sparse_tiles_divide_the_block_on_cuda():
+    # CUDA's default float32 FlexAttention tile (128 queries) does not divide 64-token blocks:
+    # the block mask's kernel is given tiles that do; the CPU kernel is given none.
+    from drrl_env.methods.fused import cuda_tiles
+
+    assert cuda_tiles(64, torch.device("cpu")) is None
+    for block in (16, 32, 64, 128, 256):
+        tiles = cuda_tiles(block, torch.device("cuda"))
+        assert block % tiles["BLOCK_M"] == 0 and block % tiles["BLOCK_N"] == 0
+    assert cuda_tiles(64, torch.device("cuda")) == {"BLOCK_M": 64, "BLOCK_N": 32}
+    assert cuda_tiles(16, torch.device("cuda")) == {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
 def test_methods_without_a_fused_path_say_so():
     with pytest.raises(NotImplementedError, match="svd"):
         build("svd").fused({}, None, None, None, None, 1.0, Setting(4))

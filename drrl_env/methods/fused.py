@@ -136,4 +136,17 @@ def fused_block_sparse_attention(
         block_mask=mask,
         scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1],
+        kernel_options=cuda_tiles(block, query.device),
     )
+
+
+def cuda_tiles(block: int, device: torch.device) -> dict | None:
+    """FlexAttention tile sizes that divide a block mask's ``block`` on CUDA, else None.
+
+    The CUDA kernel needs the mask's blocks to be multiples of its tiles; its default
+    float32 tile on recent GPUs is 128 queries by 32 keys, which does not divide a 64-token
+    block. The CPU kernel takes no tile sizes.
+    """
+    if device.type != "cuda":
+        return None
+    return {"BLOCK_M": min(block, 64), "BLOCK_N": min(block, 32)}

@@ -91,7 +91,9 @@ class TopKBlockMethod(KVHeadCalibratedMethod):
         batch, heads, queries, _ = query.shape
         q_blocks, k_blocks, visible = self._blocks_of(queries, key_proj.shape[2])
         counts = kept_blocks(visible, setting.keep, self.min_blocks, k_blocks)  # (QB,)
-        indices = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.long)
+        indices = torch.zeros(
+            batch, heads, q_blocks, k_blocks, dtype=torch.long, device=query.device
+        )
         for q_block in range(q_blocks):
             rows = slice(q_block * self.block, (q_block + 1) * self.block)
             scores = torch.matmul(query_proj[:, :, rows], key_proj.transpose(2, 3))  # (B,H,b,N)
