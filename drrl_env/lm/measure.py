@@ -233,7 +233,10 @@ def loss_gradient(lm, tokens, attention: Callable = exact_attention) -> LossGrad
         attention: The exact attention kernel of the pass
             (:func:`~drrl_env.methods.base.exact_attention` or ``full_attention``).
     """
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=lm.device).flatten()
+    if isinstance(tokens, torch.Tensor):  # np.asarray cannot read a tensor on a GPU
+        ids = tokens.detach().to(lm.device, torch.long).flatten()
+    else:
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=lm.device).flatten()
     capture = GradientCapture(lm.n_layers, attention)
     token = ACTIVE.set(capture)
     try:

@@ -144,7 +144,11 @@ def segment_bounds(n_tokens: int, segment_length: int) -> list[tuple[int, int]]:
 
 
 def _as_token_tensor(tokens, lm: LoadedModel) -> torch.Tensor:
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).flatten()
+    """``tokens`` (a sequence, array or tensor on any device) as 1-D long ids on the model's."""
+    if isinstance(tokens, torch.Tensor):  # np.asarray cannot read a tensor on a GPU
+        ids = tokens.detach().to(torch.long).flatten()
+    else:
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).flatten()
     if ids.numel() < 2:
         raise ValueError(f"tokens must hold at least 2 tokens, got {ids.numel()}")
     if ids.numel() > lm.max_positions:
