@@ -216,6 +216,13 @@ class GradientCapture:
         return output
 
 
+def token_ids(tokens) -> torch.Tensor:
+    """``tokens`` (a sequence, an array or a tensor on any device) as 1-D long ids."""
+    if isinstance(tokens, torch.Tensor):  # np.asarray cannot read a tensor on a GPU
+        return tokens.detach().to(torch.long).flatten()
+    return torch.as_tensor(np.asarray(tokens), dtype=torch.long).flatten()
+
+
 def loss_gradient(lm, tokens, attention: Callable = exact_attention) -> LossGradient:
     """Gradient of the mean next-token loss of ``tokens`` w.r.t. every attention output.
 
@@ -233,10 +240,7 @@ def loss_gradient(lm, tokens, attention: Callable = exact_attention) -> LossGrad
         attention: The exact attention kernel of the pass
             (:func:`~drrl_env.methods.base.exact_attention` or ``full_attention``).
     """
-    if isinstance(tokens, torch.Tensor):  # np.asarray cannot read a tensor on a GPU
-        ids = tokens.detach().to(lm.device, torch.long).flatten()
-    else:
-        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=lm.device).flatten()
+    ids = token_ids(tokens).to(lm.device)
     capture = GradientCapture(lm.n_layers, attention)
     token = ACTIVE.set(capture)
     try:

@@ -26,7 +26,7 @@ from greenlet import GreenletExit, greenlet
 
 from drrl_env.lm.attention import install_input_hooks
 from drrl_env.lm.controller import AttentionController, LayerRecord, LayerRequest, to_setting
-from drrl_env.lm.measure import LossGradient, SweepProbe, TermProbe
+from drrl_env.lm.measure import LossGradient, SweepProbe, TermProbe, token_ids
 from drrl_env.lm.models import LoadedModel
 from drrl_env.methods import make_method, method_class
 from drrl_env.methods.base import AttentionMethod, Setting
@@ -144,11 +144,8 @@ def segment_bounds(n_tokens: int, segment_length: int) -> list[tuple[int, int]]:
 
 
 def _as_token_tensor(tokens, lm: LoadedModel) -> torch.Tensor:
-    """``tokens`` (a sequence, array or tensor on any device) as 1-D long ids on the model's."""
-    if isinstance(tokens, torch.Tensor):  # np.asarray cannot read a tensor on a GPU
-        ids = tokens.detach().to(torch.long).flatten()
-    else:
-        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).flatten()
+    """``tokens`` as 1-D long ids on the model's device, checked against its context."""
+    ids = token_ids(tokens)
     if ids.numel() < 2:
         raise ValueError(f"tokens must hold at least 2 tokens, got {ids.numel()}")
     if ids.numel() > lm.max_positions:
