@@ -101,6 +101,17 @@ def configs(args: Args) -> list[EnvConfig]:
     return [replace(base, split=split) for split in args.splits]
 
 
+def cached_windows(config: EnvConfig) -> tuple[list[int], str]:
+    """The windows of ``config``'s rollout cache already on disk, and its folder.
+
+    Builds and writes nothing: a configuration never built has no windows (its folder need
+    not exist). A window counts once its shard is complete (shards are written atomically).
+    """
+    cache = RolloutCache(config)
+    windows = cache.store.indices() if cache.store.has_shared() else []
+    return windows, str(cache.store.folder)
+
+
 def build_window(task: tuple[dict, int, int | None]) -> tuple[int, dict]:
     """One window of the configuration ``task[0]`` (a dict), as a Ray task returns it."""
     config, window, threads = task
