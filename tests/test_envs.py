@@ -220,6 +220,36 @@ def test_loss_fidelity_term_scales_the_estimated_loss_change(cache_root):
     assert summary["mean_fidelity"] == pytest.approx(1 - summary["dnll_taylor_sum"])
 
 
+def test_live_loss_term_computes_each_windows_gradient_once(cache_root, monkeypatch):
+    from drrl_env.lm import measure
+
+    calls = []
+    original = measure.loss_gradient
+
+    def counted(lm, tokens, *args, **kwargs):
+        calls.append(len(tokens))
+        return original(lm, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "loss_gradient", counted)
+    live = DynamicRankEnv(
+        **{**TINY, "max_windows": 2}, backend="live", cache_dir=cache_root, fidelity="loss"
+    )
+    actions = [0, 3, 5, 7] * 4
+    first, again = rollout(live, actions, window=1), rollout(live, actions, window=1)
+    assert len(calls) == 1  # the second episode on window 1 reuses the gradient
+    assert [step[1] for step in first[1:]] == [step[1] for step in again[1:]]
+    assert any(step[4]["raw_dnll_taylor"] != 0 for step in first[1:])  # the term is used
+    rollout(live, actions, window=0)
+    rollout(live, actions, window=1)
+    assert len(calls) == 3  # only the last window's gradient is kept
+    fresh = DynamicRankEnv(
+        **{**TINY, "max_windows": 2}, backend="live", cache_dir=cache_root, fidelity="loss"
+    )
+    assert [step[1] for step in rollout(fresh, actions, window=1)[1:]] == [
+        step[1] for step in first[1:]
+    ]  # a kept gradient gives the rewards a computed one gives
+
+
 def test_cached_and_live_agree_on_first_layer_of_first_segment(tiny_env, tiny_live):
     for action in (0, 2, 7):
         cached = rollout(tiny_env, [action], window=3)

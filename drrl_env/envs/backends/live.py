@@ -56,6 +56,7 @@ class LiveBackend:
         self._full: dict[int, tuple[float, float]] = {}
         self._full_answers: dict[int, str] = {}
         self._references: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._gradient = None  # (window, LossGradient) of the last window that needed one
         self._window = 0
 
     def __getstate__(self):
@@ -67,12 +68,11 @@ class LiveBackend:
         )
 
     def begin(self, window: int) -> LayerView:
-        from drrl_env.lm.measure import loss_gradient
         from drrl_env.lm.runner import LiveWindow
 
         self.close()
         self._window = window
-        gradient = loss_gradient(self.lm, self.tokens[window]) if len(self.terms) > 1 else None
+        gradient = self.gradient(window) if len(self.terms) > 1 else None
         self._live = LiveWindow(
             self.lm,
             self.tokens[window],
@@ -147,6 +147,20 @@ class LiveBackend:
         ):
             self._references.popitem(last=False)
         return logprobs
+
+    def gradient(self, window: int):
+        """The loss gradient of ``window`` at exact attention, for the loss terms
+        (:func:`~drrl_env.lm.measure.loss_gradient`: one forward and one backward pass).
+
+        It depends on the window alone, so the last window's is kept: episodes played one
+        after another on a window (every policy of an evaluation) compute it once.
+        """
+        from drrl_env.lm.measure import loss_gradient
+
+        if self._gradient is None or self._gradient[0] != window:
+            self._gradient = None  # free the last one before computing the next
+            self._gradient = (window, loss_gradient(self.lm, self.tokens[window]))
+        return self._gradient[1]
 
     def full_rank(self, window: int) -> tuple[float, float]:
         """(perplexity, mean NLL) of ``window`` at exact attention (computed once)."""
