@@ -27,7 +27,9 @@ skips the finished ones), ``headroom.csv``, ``headroom.md`` (generated from the 
 ``headroom.png`` under ``<out_dir>/<run_name>``. A resumed run may name more eval windows,
 other budgets, kinds or policies (:data:`GROWABLE`: a finished episode does not depend on
 them): it plays only the episodes it lacks, and the tables cover what this call names
-(``config.json``: ``table_covers``). Every other argument must match the run's.
+(``config.json``: ``table_covers``). Every other argument must match the run's. It plays the
+deployable schedules its episodes recorded (their ``actions``), so a resume needs the train
+windows' cache only for a schedule not played yet (a new budget, kind or policy).
 
     python experiments/adaptivity.py                                 # mix at 1024 tokens
     python experiments/adaptivity.py --env-id DRRL-Long-Mix-TopP-v0 --budgets 0.3 0.2
@@ -315,41 +317,98 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def recorded_schedules(rows: pd.DataFrame, fit_per_kind: bool) -> dict:
+    """The deployable schedules a run's episodes played, ``{(budget, group, policy): (S, L)}``
+    (``group``: the kind with ``fit_per_kind``, else ``"all kinds"``).
+
+    A deployable schedule is fitted once per (budget, group) and played on every window, so
+    each of its rows records the same ``actions``.
+
+    Raises:
+        ArgumentError: Two rows of one schedule hold different actions (a damaged log).
+    """
+    schedules: dict[tuple[float, str, str], np.ndarray] = {}
+    for row in rows.itertuples():
+        if row.policy == "per_window_optimum":
+            continue
+        group = row.kind if fit_per_kind and row.kind != "mix" else "all kinds"
+        key = (float(row.budget), group, row.policy)
+        actions = np.asarray(json.loads(row.actions), dtype=np.int64)
+        if key in schedules and not np.array_equal(schedules[key], actions):
+            raise ArgumentError(
+                f"episodes.csv plays two schedules for {row.policy} at budget {row.budget:g} "
+                f"({group}); a fitted schedule is the same on every window: the log is damaged"
+            )
+        schedules[key] = actions
+    return schedules
+
+
+class Fitter:
+    """Fits the deployable schedules on the train windows; the train env (and its cache) is
+    made only when a schedule is not recorded by the run yet."""
+
+    def __init__(self, args: Args, candidates: np.ndarray) -> None:
+        self.args, self.candidates = args, candidates
+        self.train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def fit(self, budget: float, kind: str) -> tuple[dict, dict]:
+        """(schedules by policy, notes by policy) fitted on the train windows of ``kind``
+        (every train window unless ``fit_per_kind``)."""
+        args = self.args
+        if self.train is None:
+            train = gym.make(args.env_id, **args.env_kwargs("train", args.train_windows))
+            values, costs = measurements(train)
+            self.train = values, costs, window_kinds(train, len(values))
+            train.close()
+        values, costs, kinds = self.train
+        per_kind = args.fit_per_kind and kind != "mix"
+        fit = kinds == kind if per_kind else np.ones(len(kinds), bool)
+        if not fit.any():
+            raise ArgumentError(f"no {kind} windows among the first train windows")
+        problem = Problem(values[fit], costs[fit], budget)
+        return fitted_schedules(problem, self.candidates, args)
+
+
 def main(args: Args) -> Path:
-    """Fit every schedule on train windows, play it live on eval windows, write the table."""
+    """Fit every schedule on train windows, play it live on eval windows, write the table.
+
+    A resumed run plays the deployable schedules its episodes recorded (their ``actions``),
+    so it needs the train windows' cache only for a schedule it has not played yet.
+    """
     folder = args.run_folder((*RESULT_FREE, *GROWABLE))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    train = gym.make(args.env_id, **args.env_kwargs("train", args.train_windows))
     evaluation = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows))
     live = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows), backend="live")
     folder.prepare(asdict(args), torch=torch.__version__)
-    train_values, train_costs = measurements(train)
+    log = RowLog(folder.path / "episodes.csv", KEY)
+    recorded = recorded_schedules(log.read(), args.fit_per_kind)
     eval_values, eval_costs = measurements(evaluation)
-    train_kinds = window_kinds(train, len(train_values))
     eval_kinds = window_kinds(evaluation, len(eval_values))
-    candidates = rule_candidates(train, args.rule_rank)
+    fitter = Fitter(args, rule_candidates(evaluation, args.rule_rank))
+    deployable = [policy for policy in args.policies if policy != "per_window_optimum"]
     kinds = args.scored_kinds()
-    plans, notes = [], {}
+    plans, notes, fitted_groups = [], {}, set()
     for budget in args.budgets:
-        shared = None  # schedules fitted once on every train window (fit_per_kind False)
         for kind in kinds:
-            per_kind = args.fit_per_kind and kind != "mix"
-            fit = train_kinds == kind if per_kind else np.ones(len(train_kinds), bool)
+            group = kind if args.fit_per_kind and kind != "mix" else "all kinds"
             scored = np.flatnonzero(
                 np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
             )
-            if not fit.any() or not scored.size:
-                raise ArgumentError(f"no {kind} windows among the first train/eval windows")
-            if per_kind or shared is None:
-                problem = Problem(train_values[fit], train_costs[fit], budget)
-                schedules, skipped = fitted_schedules(problem, candidates, args)
-                where = kind if per_kind else "all kinds"
-                notes.update({f"{where} {budget:g} {k}": v for k, v in skipped.items()})
-                if not per_kind:
-                    shared = schedules
-            else:
-                schedules = shared
+            if not scored.size:
+                raise ArgumentError(f"no {kind} windows among the first eval windows")
+            schedules = {
+                policy: recorded[(budget, group, policy)]
+                for policy in deployable
+                if (budget, group, policy) in recorded
+            }
+            if len(schedules) < len(deployable) and (budget, group) not in fitted_groups:
+                fitted_groups.add((budget, group))
+                fitted, skipped = fitter.fit(budget, kind)
+                notes.update({f"{group} {budget:g} {k}": v for k, v in skipped.items()})
+                for policy, schedule in fitted.items():
+                    recorded[(budget, group, policy)] = schedules.setdefault(policy, schedule)
+                schedules = {p: schedules[p] for p in deployable if p in schedules}
             for window in scored:
                 for policy, schedule in schedules.items():
                     plans.append((budget, kind, policy, int(window), schedule))
@@ -361,7 +420,6 @@ def main(args: Args) -> Path:
                     notes[f"{kind} {budget:g} per_window_optimum {window}"] = str(error)
                 else:
                     plans.append((budget, kind, "per_window_optimum", int(window), optimum))
-    log = RowLog(folder.path / "episodes.csv", KEY)
     done = log.keys()
     played: dict[tuple[int, bytes], dict] = {}
     wanted = [log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans]

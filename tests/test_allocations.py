@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -293,6 +294,53 @@ def test_a_resumed_adaptivity_run_grows_into_the_run_made_at_once(tmp_path, mix_
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(pd.read_csv(folder / "episodes.csv")) == len(rows)
     assert (folder / "headroom.csv").read_text() == first_table
+
+
+def test_a_resumed_adaptivity_run_plays_its_recorded_schedules(tmp_path, mix_cache) -> None:
+    """A resume reads the deployable schedules from its episodes: with the train windows'
+    cache gone it still grows into the run made at once; a new budget fits (and builds the
+    train cache) again, and a log whose rows disagree on a schedule is refused."""
+    _skip_without_wikitext()
+    common = [
+        "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--train-windows", "3", "--threads", "1",
+        "--policies", "static_layer", "per_window_optimum", "uniform",
+    ]  # fmt: skip
+    cache = tmp_path / "cache"
+    shutil.copytree(mix_cache, cache)
+    out = ["--out-dir", str(tmp_path / "run")]
+    small = [*common, "--budgets", "0.6", "--eval-windows", "3"]
+    assert _run([*small, *out], cache).returncode == 0
+    for train in (cache / "rollouts").glob("*-train-*"):
+        shutil.rmtree(train)  # the schedules can no longer be fitted from the cache
+    grown = [*common, "--budgets", "0.6", "--eval-windows", "6"]
+    result = _run([*grown, *out, "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list((cache / "rollouts").glob("*-train-*"))  # nothing fitted, nothing built
+    rows = pd.read_csv(tmp_path / "run" / "adaptivity" / "episodes.csv")
+    assert _run([*grown, "--out-dir", str(tmp_path / "once")], mix_cache).returncode == 0
+    once = pd.read_csv(tmp_path / "once" / "adaptivity" / "episodes.csv")
+    key = ["budget", "kind", "policy", "window"]
+    pd.testing.assert_frame_equal(
+        rows.sort_values(key).reset_index(drop=True), once.sort_values(key).reset_index(drop=True)
+    )
+    # another budget has no recorded schedule: it is fitted on the (rebuilt) train windows
+    more = [*common, "--budgets", "0.6", "0.45", "--eval-windows", "3"]
+    result = _run([*more, *out, "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((cache / "rollouts").glob("*-train-*"))
+    grown_rows = pd.read_csv(tmp_path / "run" / "adaptivity" / "episodes.csv")
+    assert set(grown_rows["budget"]) == {0.6, 0.45}
+    # a damaged log: one window's static schedule differs from the others'
+    log = tmp_path / "run" / "adaptivity" / "episodes.csv"
+    damaged = grown_rows.copy()
+    first = damaged.index[damaged["policy"].eq("static_layer")][0]
+    actions = np.asarray(json.loads(damaged.loc[first, "actions"]))
+    actions[0, 0] = (actions[0, 0] + 1) % 3
+    damaged.loc[first, "actions"] = json.dumps(actions.tolist())
+    damaged.to_csv(log, index=False)
+    result = _run([*more, *out, "--resume"], cache)
+    assert result.returncode == 2
+    assert "episodes.csv plays two schedules for static_layer at budget" in result.stderr
 
 
 @pytest.mark.parametrize(
