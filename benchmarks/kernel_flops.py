@@ -9,7 +9,8 @@ side in one run, on the same inputs:
 - each method at each setting, on each of its paths: ``fast`` (the kernel the model runs:
   eager matmuls for the dense low-rank methods, the gather for ``topk``), ``fused``
   (FlexAttention, compiled: low-rank scores with ``A V`` at the head dim, or the block mask
-  of ``topk-block``) and, for ``topk``, its dense ``reference``; ``topp`` (top-p under the
+  of ``topk-block``; for ``full``, exact attention in the same FlexAttention kernel, the
+  dense fused baseline) and, for ``topk``, its dense ``reference``; ``topp`` (top-p under the
   rank-r estimate: its ``keep`` is the mass ``p``) on its ``fast`` path. Every timed call
   includes the method's observation features (rotating or decomposing the new keys), as a
   layer call of the environment does. Calibrated methods use a random orthonormal basis.
@@ -81,6 +82,7 @@ COLUMNS = (
     "note",
 )
 DEFAULT_SPECS = (
+    "full:64:1:fused",
     "gram:16:1:fast",
     "gram:16:1:fused",
     "svd:16:1:fast",

@@ -507,6 +507,7 @@ def test_sweep_outputs_equal_each_setting_run_alone(name):
 @pytest.mark.parametrize(
     ("name", "setting"),
     [
+        ("full", Setting(64)),
         ("calibrated", Setting(16)),
         ("calibrated-kv", Setting(16)),
         ("gram", Setting(16)),

@@ -13,6 +13,7 @@ class FullMethod(AttentionMethod):
 
     name = "full"
     description = "exact attention at every rank (no spectrum: the energy features are flat)"
+    has_fused = True
 
     def check_setting(self, setting: Setting) -> Setting:
         # Any rank of the grid is accepted and ignored.
@@ -20,6 +21,13 @@ class FullMethod(AttentionMethod):
 
     def attend(self, state, query, key, value, mask, scaling, setting) -> torch.Tensor:
         return super().attend(state, query, key, value, mask, scaling, Setting(self.head_dim))
+
+    def fused(self, state, query, key, value, mask, scaling, setting) -> torch.Tensor:
+        """Exact causal attention in one FlexAttention kernel (the dense fused baseline the
+        fused low-rank and block-sparse kernels are timed against)."""
+        from drrl_env.methods.fused import fused_scores_attention
+
+        return fused_scores_attention(query, key, value, scaling)
 
     def setting_flops(self, shape: CallShape, setting: Setting) -> FlopsBreakdown:
         return exact_flops(shape)
