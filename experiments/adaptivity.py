@@ -388,10 +388,11 @@ def main(args: Args) -> Path:
     fitter = Fitter(args, rule_candidates(evaluation, args.rule_rank))
     deployable = [policy for policy in args.policies if policy != "per_window_optimum"]
     kinds = args.scored_kinds()
-    plans, notes, fitted_groups = [], {}, set()
+    plans, notes, groups, fitted_groups = [], {}, set(), set()
     for budget in args.budgets:
         for kind in kinds:
             group = kind if args.fit_per_kind and kind != "mix" else "all kinds"
+            groups.add((budget, group))
             scored = np.flatnonzero(
                 np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
             )
@@ -420,6 +421,13 @@ def main(args: Args) -> Path:
                     notes[f"{kind} {budget:g} per_window_optimum {window}"] = str(error)
                 else:
                     plans.append((budget, kind, "per_window_optimum", int(window), optimum))
+    if groups:
+        reused = len(groups - fitted_groups)
+        print(
+            f"deployable schedules: {reused} (budget, group) read from episodes.csv, "
+            f"{len(fitted_groups)} fitted on the train windows",
+            flush=True,
+        )
     done = log.keys()
     played: dict[tuple[int, bytes], dict] = {}
     wanted = [log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans]

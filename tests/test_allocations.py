@@ -316,6 +316,9 @@ def test_a_resumed_adaptivity_run_plays_its_recorded_schedules(tmp_path, mix_cac
     result = _run([*grown, *out, "--resume"], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list((cache / "rollouts").glob("*-train-*"))  # nothing fitted, nothing built
+    assert "deployable schedules: 1 (budget, group) read from episodes.csv, 0 fitted" in (
+        result.stdout
+    )
     rows = pd.read_csv(tmp_path / "run" / "adaptivity" / "episodes.csv")
     assert _run([*grown, "--out-dir", str(tmp_path / "once")], mix_cache).returncode == 0
     once = pd.read_csv(tmp_path / "once" / "adaptivity" / "episodes.csv")
@@ -328,6 +331,9 @@ def test_a_resumed_adaptivity_run_plays_its_recorded_schedules(tmp_path, mix_cac
     result = _run([*more, *out, "--resume"], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((cache / "rollouts").glob("*-train-*"))
+    assert "1 (budget, group) read from episodes.csv, 1 fitted on the train windows" in (
+        result.stdout
+    )
     grown_rows = pd.read_csv(tmp_path / "run" / "adaptivity" / "episodes.csv")
     assert set(grown_rows["budget"]) == {0.6, 0.45}
     # a damaged log: one window's static schedule differs from the others'
