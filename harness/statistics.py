@@ -95,31 +95,50 @@ def mean_interval(
     confidence: float = CONFIDENCE,
     n_resamples: int = RESAMPLES,
     seed: int = SEED,
+    groups: Sequence[object] | None = None,
 ) -> Interval:
     """The mean of ``values`` with a bootstrap interval (BCa; percentile where BCa is undefined).
 
     Fewer than 2 values have no interval (NaN bounds); identical values give the
     degenerate interval [mean, mean].
 
+    ``groups`` gives each value a label: values with one label are not independent (windows
+    that share their text) and are resampled together. This is a cluster bootstrap: each
+    resample draws whole groups and takes the mean over every value drawn. The interval
+    then rests on the number of groups (``n``; fewer than 2 groups have no interval).
+
     Raises:
-        ValueError: If ``values`` is empty, not 1-D, or not finite, or ``confidence`` is not
-            in (0, 1).
+        ValueError: If ``values`` is empty, not 1-D, or not finite, ``groups`` does not give
+            one label per value, or ``confidence`` is not in (0, 1).
     """
     array = _values(values, "values")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     mean = float(array.mean())
-    if array.size < 2:
-        return Interval(mean, math.nan, math.nan, 1, confidence)
+    if groups is None:
+        samples, statistic = (array,), np.mean
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != array.shape:
+            raise ValueError(f"groups must give one label per value: {labels.shape} labels")
+        _, index = np.unique(labels, return_inverse=True)
+        sums = np.bincount(index, weights=array)
+        counts = np.bincount(index).astype(np.float64)
+        samples, statistic = (sums, counts), _pooled_mean
+    size = samples[0].size
+    if size < 2:
+        return Interval(mean, math.nan, math.nan, size, confidence)
     if np.all(array == array[0]):
-        return Interval(mean, mean, mean, array.size, confidence)
+        return Interval(mean, mean, mean, size, confidence)
     low, high = math.nan, math.nan
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BCa's degenerate-sample warning: fall back
             result = stats.bootstrap(
-                (array,),
-                np.mean,
+                samples,
+                statistic,
+                paired=len(samples) > 1,
+                vectorized=True,
                 confidence_level=confidence,
                 n_resamples=n_resamples,
                 method=method,
@@ -128,7 +147,12 @@ def mean_interval(
         low, high = result.confidence_interval
         if np.isfinite(low) and np.isfinite(high):
             break
-    return Interval(mean, float(low), float(high), array.size, confidence)
+    return Interval(mean, float(low), float(high), size, confidence)
+
+
+def _pooled_mean(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean over every value of the drawn groups: their summed values over their sizes."""
+    return sums.sum(axis=axis) / counts.sum(axis=axis)
 
 
 def paired_difference(
@@ -137,11 +161,13 @@ def paired_difference(
     confidence: float = CONFIDENCE,
     n_resamples: int = RESAMPLES,
     seed: int = SEED,
+    groups: Sequence[object] | None = None,
 ) -> Interval:
     """Mean of ``a - b`` over paired samples (the same windows) with a bootstrap interval.
 
     Windows are resampled together, so what the two policies share (a window's difficulty)
-    cancels: the interval is that of the mean paired difference.
+    cancels: the interval is that of the mean paired difference. ``groups``: as for
+    :func:`mean_interval` (windows that share their text are resampled together).
 
     Raises:
         ValueError: If the sequences differ in length or are empty or not finite.
@@ -149,7 +175,7 @@ def paired_difference(
     first, second = _values(a, "a"), _values(b, "b")
     if first.shape != second.shape:
         raise ValueError(f"paired samples differ in length: {first.size} and {second.size}")
-    return mean_interval(first - second, confidence, n_resamples, seed)
+    return mean_interval(first - second, confidence, n_resamples, seed, groups)
 
 
 def iqm(values: Sequence[float] | np.ndarray) -> float:

@@ -90,3 +90,33 @@ def test_interval_columns_of_a_paired_difference():
     }
     assert Interval(1.0, -1.0, 2.0, 8, 0.95).columns("d")["verdict"] == "no difference"
     assert Interval(1.0, 0.5, 2.0, 8, 0.95).columns("d")["verdict"] == "higher KL"
+
+
+def test_grouped_values_are_resampled_together() -> None:
+    # Each value twice (two windows sharing one text): treated as independent, the copies
+    # narrow the interval; resampled as groups, it is the interval of the distinct values.
+    rng = np.random.default_rng(3)
+    distinct = rng.normal(0.01, 0.004, size=10)
+    doubled = np.repeat(distinct, 2)
+    pairs = np.repeat(np.arange(10), 2)
+    plain, naive = mean_interval(distinct), mean_interval(doubled)
+    grouped = mean_interval(doubled, groups=pairs)
+    assert grouped.estimate == pytest.approx(distinct.mean())
+    assert grouped.n == 10 and naive.n == 20
+    assert grouped.high - grouped.low > 1.2 * (naive.high - naive.low)
+    assert grouped.low == pytest.approx(plain.low, rel=0.05)
+    assert grouped.high == pytest.approx(plain.high, rel=0.05)
+    # labels of any type; the mean is over values, so unequal groups weigh by their size
+    labels = ["a", "a", "a", "b", "c"]
+    values = [1.0, 1.0, 1.0, 4.0, 7.0]
+    assert mean_interval(values, groups=labels).estimate == pytest.approx(14 / 5)
+    diff = paired_difference(doubled + 0.002, doubled, groups=pairs)
+    assert diff.n == 10 and diff.estimate == pytest.approx(0.002)
+    assert diff.low == pytest.approx(0.002) and diff.high == pytest.approx(0.002)
+
+
+def test_grouped_intervals_refuse_bad_labels_and_need_two_groups() -> None:
+    with pytest.raises(ValueError, match="one label per value"):
+        mean_interval([1.0, 2.0, 3.0], groups=[0, 1])
+    one = mean_interval([1.0, 2.0, 3.0], groups=[5, 5, 5])
+    assert one.n == 1 and math.isnan(one.low) and one.estimate == 2.0
