@@ -517,6 +517,9 @@ def test_passkey_windows_are_exact(filler: Path, corpus: str, seed: int, needles
         assert start - len(head) == round(depth * room)
         filler_tokens = np.concatenate([row[len(head) : start], row[end : -len(tail)]])
         np.testing.assert_array_equal(filler_tokens, prose.tokens[i // needles, :room])
+    # windows of one filler window share a text group (their statistics resample together)
+    groups = resolve_source(corpus, filler).text_groups(len(ws))
+    assert groups.tolist() == [i // needles for i in range(len(ws))]
     assert len(set(meta["answer"])) == len(ws)  # every needle of a filler window is new
 
 

@@ -46,6 +46,21 @@ def test_mix_interleaves_prose_code_and_passkey_windows(tokenizer) -> None:
             assert meta["needle_end"][row] == -1
 
 
+def test_mix_text_groups_pair_each_passkey_with_its_filler_prose(tokenizer) -> None:
+    mix = _windows(tokenizer, "mix", max_windows=9)
+    labels = resolve_source("mix").text_groups(9)
+    assert labels.tolist() == [0, 9, 0, 1, 10, 1, 2, 11, 2]
+    meta = mix.metadata
+    for row in range(2, 9, 3):  # the passkey rows: their filler is the prose row of one label
+        (prose,) = [r for r in range(9) if labels[r] == labels[row] and r != row]
+        start, end = int(meta["needle_start"][row]), int(meta["needle_end"][row])
+        filler = np.concatenate([mix.tokens[row][:start], mix.tokens[row][end:]])
+        words = mix.tokens[prose][:48]  # the prose window's start is in the passkey window
+        windows = np.lib.stride_tricks.sliding_window_view(filler, len(words))
+        assert (windows == words).all(axis=1).any(), row
+    assert resolve_source("mix").text_groups(0).size == 0
+
+
 def test_mix_balances_its_kinds_and_splits_each_kind_apart(tokenizer) -> None:
     full = _windows(tokenizer, "mix")
     counts = [len(_windows(tokenizer, c)) for c in ("wikitext-2", "code", "passkey")]

@@ -165,6 +165,17 @@ class Source:
         )
         return make_windows(own, tokenizer, seq_len, where=where), {}
 
+    def text_groups(self, n_windows: int) -> np.ndarray:
+        """A label per window ``0 .. n_windows - 1`` (int64): windows with one label share
+        text, so they are not independent samples (statistics resample them together, see
+        :func:`harness.statistics.mean_interval`). By default every window has its own
+        text; kinds that reuse text (``passkey`` with several needles per filler window,
+        ``mix``) say which windows share it. A window's label is the index of the window
+        of its underlying text, so kinds that share a filler share labels."""
+        import numpy as np
+
+        return np.arange(n_windows, dtype=np.int64)
+
 
 def file_identity(path: Path) -> list:
     """Size and sha256 of a file; beyond ``FULL_HASH_BYTES``, mtime and sampled bytes."""

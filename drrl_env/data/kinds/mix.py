@@ -82,6 +82,19 @@ class MixSource(Source):
         )
         return f"mix of {named}"
 
+    def text_groups(self, n_windows: int) -> np.ndarray:
+        """Prose window ``i`` (row ``3 i``) and passkey window ``i`` (row ``3 i + 2``) share
+        text: the passkey's filler is the prose window of its label. Code windows have
+        their own labels (``n_windows`` on)."""
+        rows = np.arange(n_windows, dtype=np.int64)
+        part, index = rows % len(self.parts), rows // len(self.parts)
+        per_part = [p.text_groups(int(index.max()) + 1 if n_windows else 0) for p in self.parts]
+        labels = np.empty(n_windows, dtype=np.int64)
+        for row in rows:
+            label = per_part[part[row]][index[row]]
+            labels[row] = label + n_windows if MIX_KINDS[part[row]] == "code" else label
+        return labels
+
     def fingerprint(self) -> str:
         parts = [["format", MIX_FORMAT], *([p.fingerprint()] for p in self.parts)]
         return digest_fingerprint(self.kind, parts)

@@ -186,6 +186,10 @@ class PasskeySource(Source):
             values[name] = int(value)
         return values
 
+    def text_groups(self, n_windows: int) -> np.ndarray:
+        """Window ``i`` is filled from prose window ``i // needles`` of the filler: its label."""
+        return np.arange(n_windows, dtype=np.int64) // self.needles
+
     def describe(self) -> str:
         needles = f", {self.needles} needles per filler window" if self.needles != 1 else ""
         return f"{self.variant} windows (seed {self.seed}{needles}) over {self.filler.describe()}"
