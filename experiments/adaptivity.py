@@ -18,8 +18,11 @@ Each row holds the mean token KL to exact attention, top-1 agreement, the change
 perplexity, retrieval accuracy (passkey windows), the live FLOPs ratio, all with 95 %
 bootstrap intervals over windows, and the paired difference of KL against
 ``static_layer`` with its interval: a difference whose interval contains 0 reads "no
-difference". The ``topp`` method sets one (rank, p) per layer call for all heads, so there
-is no per-(layer, kv head) allocation to fit. The agents of ``compare_agents`` are not part
+difference". Windows that share text (a mix's passkey window and the prose window that is
+its filler; the needles of one filler window with ``passkey:needles=N``) are resampled
+together (:meth:`~drrl_env.data.sources.Source.text_groups`). The ``topp`` method sets one
+(rank, p) per layer call for all heads, so there is no per-(layer, kv head) allocation to
+fit. The agents of ``compare_agents`` are not part
 of this table.
 
 Writes ``episodes.csv`` (one row per live episode, appended as each finishes: ``--resume``
@@ -28,8 +31,11 @@ skips the finished ones), ``headroom.csv``, ``headroom.md`` (generated from the 
 other budgets, kinds or policies (:data:`GROWABLE`: a finished episode does not depend on
 them): it plays only the episodes it lacks, and the tables cover what this call names
 (``config.json``: ``table_covers``). Every other argument must match the run's. It plays the
-deployable schedules its episodes recorded (their ``actions``), so a resume needs the train
-windows' cache only for a schedule not played yet (a new budget, kind or policy).
+deployable schedules its episodes recorded (their ``actions``; a schedule its notes say could
+not be fitted stays left out), so a resume needs the train
+windows' cache only for a schedule not played yet (a new budget, kind or policy), and the
+eval windows' cache only when an episode is left to play: with none left, a resume rebuilds
+the tables from ``episodes.csv``.
 
     python experiments/adaptivity.py                                 # mix at 1024 tokens
     python experiments/adaptivity.py --env-id DRRL-Long-Mix-TopP-v0 --budgets 0.3 0.2
@@ -63,7 +69,7 @@ from agents.allocations import (
     random_search,
     static_per_layer,
 )
-from drrl_env.data import corpus_names
+from drrl_env.data import corpus_names, resolve_source
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.data.sources import DEFAULT_CORPUS
 from drrl_env.replay import replay
@@ -205,6 +211,14 @@ def window_kinds(env: gym.Env, n_windows: int) -> np.ndarray:
     return np.array([corpus] * n_windows)
 
 
+def window_groups(env: gym.Env, n_windows: int) -> np.ndarray:
+    """Each window's text group: windows that share text (a mix's passkey and its filler
+    prose, the needles of one filler window) are resampled together by the intervals."""
+    config = env.unwrapped.config
+    source = resolve_source(config.corpus, config.data_path, config.text_field)
+    return source.text_groups(n_windows)
+
+
 def rule_candidates(env: gym.Env, rank: int) -> np.ndarray:
     """Actions at ``rank`` ordered by increasing mass target (the global top-p rule)."""
     grid = env.unwrapped.actions
@@ -253,9 +267,18 @@ def live_row(live: gym.Env, window: int, actions: np.ndarray) -> dict:
     }
 
 
-def headroom(rows: pd.DataFrame) -> pd.DataFrame:
+def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFrame:
     """Per (kind, budget, policy): each metric's mean with its interval over windows, and
-    the paired KL difference against ``static_layer`` on the same windows."""
+    the paired KL difference against ``static_layer`` on the same windows.
+
+    ``groups`` (indexed by window) labels the windows that share text
+    (:meth:`~drrl_env.data.sources.Source.text_groups`): their intervals resample them
+    together (:func:`harness.statistics.mean_interval`); None: every window apart.
+    """
+
+    def labels(windows: pd.Index) -> np.ndarray | None:
+        return None if groups is None else groups[np.asarray(windows, dtype=np.int64)]
+
     table = []
     for (kind, budget), group in rows.groupby(["kind", "budget"], sort=False, observed=True):
         reference = group[group["policy"] == REFERENCE].set_index("window")
@@ -265,7 +288,9 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
             for metric in METRICS:
                 values = part[metric].dropna()
                 row[metric] = (
-                    mean_interval(values).format(scientific=metric == "mean_kl")
+                    mean_interval(values, groups=labels(values.index)).format(
+                        scientific=metric == "mean_kl"
+                    )
                     if len(values)
                     else math.nan
                 )
@@ -273,27 +298,36 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
             shared = part.index.intersection(reference.index)
             if policy != REFERENCE and len(shared):
                 diff = paired_difference(
-                    part.loc[shared, "mean_kl"], reference.loc[shared, "mean_kl"]
+                    part.loc[shared, "mean_kl"],
+                    reference.loc[shared, "mean_kl"],
+                    groups=labels(shared),
                 )
                 row.update(diff.columns("kl_vs_static", scientific=True))
-            row.update(retrieval_differences(part, reference, policy))
+            row.update(retrieval_differences(part, reference, policy, labels))
             table.append(row)
     return pd.DataFrame(table)
 
 
-def retrieval_differences(part: pd.DataFrame, reference: pd.DataFrame, policy: str) -> dict:
+def retrieval_differences(
+    part: pd.DataFrame, reference: pd.DataFrame, policy: str, labels=lambda windows: None
+) -> dict:
     """Paired differences of retrieval accuracy over the passkey windows (indexed by window):
-    against exact attention on the same windows, and against ``static_layer``."""
+    against exact attention on the same windows, and against ``static_layer``; ``labels``
+    gives the windows' text groups (see :func:`headroom`)."""
     scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
     row = {}
     if scored.any():
         answered = part.loc[scored, "retrieval_correct"]
-        exact = paired_difference(answered, part.loc[scored, "retrieval_correct_full"])
+        exact = paired_difference(
+            answered, part.loc[scored, "retrieval_correct_full"], groups=labels(answered.index)
+        )
         row["retrieval_vs_exact"] = exact.format()
         shared = answered.index.intersection(reference.index)
         if policy != REFERENCE and len(shared):
             static = paired_difference(
-                answered.loc[shared], reference.loc[shared, "retrieval_correct"]
+                answered.loc[shared],
+                reference.loc[shared, "retrieval_correct"],
+                groups=labels(shared),
             )
             row["retrieval_vs_static"] = static.format()
     return row
@@ -369,75 +403,39 @@ class Fitter:
         return fitted_schedules(problem, self.candidates, args)
 
 
-def main(args: Args) -> Path:
-    """Fit every schedule on train windows, play it live on eval windows, write the table.
+def play(
+    args: Args,
+    live: gym.Env,
+    log: RowLog,
+    todo: list[tuple],
+    eval_kinds: np.ndarray,
+    notes: dict,
+) -> None:
+    """Play the ``todo`` plans live, window by window, appending a row to ``log`` for each.
 
-    A resumed run plays the deployable schedules its episodes recorded (their ``actions``),
-    so it needs the train windows' cache only for a schedule it has not played yet.
+    The cached eval windows give each per-window optimum (``None`` schedules: the knapsack on
+    that window's values; one that cannot meet the budget is left out with a note) and every
+    plan's planned cost.
     """
-    folder = args.run_folder((*RESULT_FREE, *GROWABLE))
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
     evaluation = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows))
-    live = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows), backend="live")
-    folder.prepare(asdict(args), torch=torch.__version__)
-    log = RowLog(folder.path / "episodes.csv", KEY)
-    recorded = recorded_schedules(log.read(), args.fit_per_kind)
-    eval_values, eval_costs = measurements(evaluation)
-    eval_kinds = window_kinds(evaluation, len(eval_values))
-    fitter = Fitter(args, rule_candidates(evaluation, args.rule_rank))
-    deployable = [policy for policy in args.policies if policy != "per_window_optimum"]
-    kinds = args.scored_kinds()
-    plans, notes, groups, fitted_groups = [], {}, set(), set()
-    for budget in args.budgets:
-        for kind in kinds:
-            group = kind if args.fit_per_kind and kind != "mix" else "all kinds"
-            groups.add((budget, group))
-            scored = np.flatnonzero(
-                np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
-            )
-            if not scored.size:
-                raise ArgumentError(f"no {kind} windows among the first eval windows")
-            schedules = {
-                policy: recorded[(budget, group, policy)]
-                for policy in deployable
-                if (budget, group, policy) in recorded
-            }
-            if len(schedules) < len(deployable) and (budget, group) not in fitted_groups:
-                fitted_groups.add((budget, group))
-                fitted, skipped = fitter.fit(budget, kind)
-                notes.update({f"{group} {budget:g} {k}": v for k, v in skipped.items()})
-                for policy, schedule in fitted.items():
-                    recorded[(budget, group, policy)] = schedules.setdefault(policy, schedule)
-                schedules = {p: schedules[p] for p in deployable if p in schedules}
-            for window in scored:
-                for policy, schedule in schedules.items():
-                    plans.append((budget, kind, policy, int(window), schedule))
-                if "per_window_optimum" not in args.policies:
-                    continue
-                try:
-                    optimum = per_window_optimum(eval_values[window], eval_costs[window], budget)
-                except ValueError as error:
-                    notes[f"{kind} {budget:g} per_window_optimum {window}"] = str(error)
-                else:
-                    plans.append((budget, kind, "per_window_optimum", int(window), optimum))
-    if groups:
-        reused = len(groups - fitted_groups)
-        print(
-            f"deployable schedules: {reused} (budget, group) read from episodes.csv, "
-            f"{len(fitted_groups)} fitted on the train windows",
-            flush=True,
-        )
-    done = log.keys()
+    values, costs = measurements(evaluation)
+    evaluation.close()
+    plans = []
+    for budget, kind, policy, window, schedule in todo:
+        if schedule is None:
+            try:
+                schedule = per_window_optimum(values[window], costs[window], budget)
+            except ValueError as error:
+                notes[f"{kind} {budget:g} per_window_optimum {window}"] = str(error)
+                continue
+        plans.append((budget, kind, policy, window, schedule))
+    plans.sort(key=lambda plan: plan[3])  # window by window: its exact reference runs once
     played: dict[tuple[int, bytes], dict] = {}
-    wanted = [log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans]
-    todo = [plan for plan, key in zip(plans, wanted, strict=True) if key not in done]
-    todo.sort(key=lambda plan: plan[3])  # window by window: its exact reference runs once
-    for budget, kind, policy, window, schedule in tqdm(todo, desc="live episodes", unit="ep"):
+    for budget, kind, policy, window, schedule in tqdm(plans, desc="live episodes", unit="ep"):
         key = (window, schedule.tobytes())
         if key not in played:  # the same schedule on the same window measures the same
             played[key] = live_row(live, window, schedule)
-        index = np.take_along_axis(eval_costs[window], schedule[..., None], -1)
+        index = np.take_along_axis(costs[window], schedule[..., None], -1)
         row = {
             "budget": budget,
             "kind": kind,
@@ -449,6 +447,72 @@ def main(args: Args) -> Path:
             "actions": json.dumps(schedule.tolist()),
         }
         log.append(pd.DataFrame([row]))
+
+
+def main(args: Args) -> Path:
+    """Fit every schedule on train windows, play it live on eval windows, write the table.
+
+    A resumed run plays the deployable schedules its episodes recorded (their ``actions``),
+    so it needs the train windows' cache only for a schedule it has not played yet.
+    """
+    folder = args.run_folder((*RESULT_FREE, *GROWABLE))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    live = gym.make(args.env_id, **args.env_kwargs("eval", args.eval_windows), backend="live")
+    folder.prepare(asdict(args), torch=torch.__version__)
+    log = RowLog(folder.path / "episodes.csv", KEY)
+    recorded = recorded_schedules(log.read(), args.fit_per_kind)
+    earlier = json.loads(folder.config_path.read_text()).get("notes", {})
+    n_eval = live.unwrapped.n_windows
+    eval_kinds = window_kinds(live, n_eval)
+    fitter = Fitter(args, rule_candidates(live, args.rule_rank))
+    deployable = [policy for policy in args.policies if policy != "per_window_optimum"]
+    kinds = args.scored_kinds()
+    plans, notes, fit_groups, fitted_groups = [], {}, set(), set()
+    for budget in args.budgets:
+        for kind in kinds:
+            group = kind if args.fit_per_kind and kind != "mix" else "all kinds"
+            fit_groups.add((budget, group))
+            scored = np.flatnonzero(
+                np.ones(len(eval_kinds), bool) if kind == "mix" else eval_kinds == kind
+            )
+            if not scored.size:
+                raise ArgumentError(f"no {kind} windows among the first eval windows")
+            schedules = {
+                policy: recorded[(budget, group, policy)]
+                for policy in deployable
+                if (budget, group, policy) in recorded
+            }
+            left_out = {  # recorded as not fittable by an earlier call (config notes)
+                name: earlier[name]
+                for policy in deployable
+                if policy not in schedules and (name := f"{group} {budget:g} {policy}") in earlier
+            }
+            notes.update(left_out)
+            settled = len(schedules) + len(left_out) == len(deployable)
+            if not settled and (budget, group) not in fitted_groups:
+                fitted_groups.add((budget, group))
+                fitted, skipped = fitter.fit(budget, kind)
+                notes.update({f"{group} {budget:g} {k}": v for k, v in skipped.items()})
+                for policy, schedule in fitted.items():
+                    recorded[(budget, group, policy)] = schedules.setdefault(policy, schedule)
+                schedules = {p: schedules[p] for p in deployable if p in schedules}
+            for window in scored:
+                for policy, schedule in schedules.items():
+                    plans.append((budget, kind, policy, int(window), schedule))
+                if "per_window_optimum" in args.policies:  # its schedule: when it is played
+                    plans.append((budget, kind, "per_window_optimum", int(window), None))
+    reused = len(fit_groups - fitted_groups)
+    print(
+        f"deployable schedules: {reused} (budget, group) read from episodes.csv, "
+        f"{len(fitted_groups)} fitted on the train windows",
+        flush=True,
+    )
+    done = log.keys()
+    wanted = [log.key_of(dict(zip(KEY, plan[:4], strict=True))) for plan in plans]
+    todo = [plan for plan, key in zip(plans, wanted, strict=True) if key not in done]
+    if todo:  # the eval windows' cache: per-window optima and planned costs
+        play(args, live, log, todo, eval_kinds, notes)
     covered = set(wanted)  # the tables cover this call's plans (a resumed log may hold more)
     rows = log.read()
     rows = rows[[log.key_of(row) in covered for row in rows[list(KEY)].to_dict("records")]]
@@ -456,7 +520,7 @@ def main(args: Args) -> Path:
     for column, values in order.items():
         rows[column] = pd.Categorical(rows[column], categories=values, ordered=True)
     rows = rows.sort_values(["kind", "budget", "policy", "window"])
-    table = headroom(rows)
+    table = headroom(rows, window_groups(live, n_eval))
     table.to_csv(folder.path / "headroom.csv", index=False)
     written = pd.read_csv(folder.path / "headroom.csv")
     (folder.path / "headroom.md").write_text(markdown_from_frame(written, COLUMNS_MD))

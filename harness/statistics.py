@@ -105,7 +105,8 @@ def mean_interval(
     ``groups`` gives each value a label: values with one label are not independent (windows
     that share their text) and are resampled together. This is a cluster bootstrap: each
     resample draws whole groups and takes the mean over every value drawn. The interval
-    then rests on the number of groups (``n``; fewer than 2 groups have no interval).
+    then rests on the number of groups (``n``; fewer than 2 groups have no interval). Labels
+    that are all distinct give the plain bootstrap's interval.
 
     Raises:
         ValueError: If ``values`` is empty, not 1-D, or not finite, ``groups`` does not give
@@ -115,13 +116,13 @@ def mean_interval(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     mean = float(array.mean())
-    if groups is None:
+    labels = None if groups is None else np.asarray(groups)
+    if labels is not None and labels.shape != array.shape:
+        raise ValueError(f"groups must give one label per value: {labels.shape} labels")
+    _, index = (None, None) if labels is None else np.unique(labels, return_inverse=True)
+    if index is None or index.max() + 1 == array.size:  # every value its own group
         samples, statistic = (array,), np.mean
     else:
-        labels = np.asarray(groups)
-        if labels.shape != array.shape:
-            raise ValueError(f"groups must give one label per value: {labels.shape} labels")
-        _, index = np.unique(labels, return_inverse=True)
         sums = np.bincount(index, weights=array)
         counts = np.bincount(index).astype(np.float64)
         samples, statistic = (sums, counts), _pooled_mean

@@ -349,6 +349,51 @@ def test_a_resumed_adaptivity_run_plays_its_recorded_schedules(tmp_path, mix_cac
     assert "episodes.csv plays two schedules for static_layer at budget" in result.stderr
 
 
+def test_adaptivity_tables_resample_shared_text_together_and_need_no_cache(
+    tmp_path, mix_cache
+) -> None:
+    """Mix windows 3 i (prose) and 3 i + 2 (passkey over that prose) are one text group in
+    every interval of the mix rows; with every episode played, a resume rebuilds the same
+    tables from episodes.csv with no rollout cache at all."""
+    _skip_without_wikitext()
+    from drrl_env.data import resolve_source
+    from harness.statistics import mean_interval, paired_difference
+
+    args = [
+        "--env-id", "DRRL-Tiny-Mix-TopP-v0", "--train-windows", "3", "--threads", "1",
+        "--policies", "static_layer", "per_window_optimum", "--budgets", "0.6",
+        "--eval-windows", "6", "--out-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    cache = tmp_path / "cache"
+    shutil.copytree(mix_cache, cache)
+    assert _run(args, cache).returncode == 0
+    folder = tmp_path / "run" / "adaptivity"
+    rows = pd.read_csv(folder / "episodes.csv")
+    table = pd.read_csv(folder / "headroom.csv").set_index(["kind", "policy"])
+    groups = resolve_source("mix").text_groups(6)
+    assert groups.tolist() == [0, 6, 0, 1, 7, 1]
+    mix = rows[rows["kind"] == "mix"]
+    static = mix[mix["policy"] == "static_layer"].set_index("window").sort_index()
+    optimum = mix[mix["policy"] == "per_window_optimum"].set_index("window").sort_index()
+    diff = paired_difference(optimum["mean_kl"], static["mean_kl"], groups=groups[static.index])
+    assert table.loc[("mix", "per_window_optimum"), "kl_vs_static"] == diff.format(scientific=True)
+    kl = mean_interval(static["mean_kl"], groups=groups[static.index])
+    assert table.loc[("mix", "static_layer"), "mean_kl"] == kl.format(scientific=True)
+    naive = paired_difference(optimum["mean_kl"], static["mean_kl"])
+    assert diff.high - diff.low != naive.high - naive.low  # the groups changed the interval
+    # per kind, every window has its own text: the plain intervals
+    prose = rows[(rows["kind"] == "prose") & (rows["policy"] == "static_layer")]
+    assert table.loc[("prose", "static_layer"), "mean_kl"] == mean_interval(
+        prose["mean_kl"]
+    ).format(scientific=True)
+    before = (folder / "headroom.csv").read_text()
+    shutil.rmtree(cache / "rollouts")
+    result = _run([*args, "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (cache / "rollouts").exists()  # no window built: nothing was left to play
+    assert (folder / "headroom.csv").read_text() == before
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

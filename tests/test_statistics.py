@@ -110,6 +110,7 @@ def test_grouped_values_are_resampled_together() -> None:
     labels = ["a", "a", "a", "b", "c"]
     values = [1.0, 1.0, 1.0, 4.0, 7.0]
     assert mean_interval(values, groups=labels).estimate == pytest.approx(14 / 5)
+    assert mean_interval(distinct, groups=np.arange(10)[::-1]) == plain  # all distinct
     diff = paired_difference(doubled + 0.002, doubled, groups=pairs)
     assert diff.n == 10 and diff.estimate == pytest.approx(0.002)
     assert diff.low == pytest.approx(0.002) and diff.high == pytest.approx(0.002)
