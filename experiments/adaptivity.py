@@ -277,7 +277,7 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
     """
 
     def labels(windows: pd.Index) -> np.ndarray | None:
-        return None if groups is None else groups[np.asarray(windows, dtype=np.int64)]
+        return text_labels(groups, windows)
 
     table = []
     for (kind, budget), group in rows.groupby(["kind", "budget"], sort=False, observed=True):
@@ -303,17 +303,29 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
                     groups=labels(shared),
                 )
                 row.update(diff.columns("kl_vs_static", scientific=True))
-            row.update(retrieval_differences(part, reference, policy, labels))
+            row.update(retrieval_differences(part, reference, policy, groups))
             table.append(row)
     return pd.DataFrame(table)
 
 
+def text_labels(groups: np.ndarray | None, windows: pd.Index) -> np.ndarray | None:
+    """The text groups of ``windows`` (None: every window apart)."""
+    return None if groups is None else groups[np.asarray(windows, dtype=np.int64)]
+
+
 def retrieval_differences(
-    part: pd.DataFrame, reference: pd.DataFrame, policy: str, labels=lambda windows: None
+    part: pd.DataFrame,
+    reference: pd.DataFrame,
+    policy: str,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """Paired differences of retrieval accuracy over the passkey windows (indexed by window):
-    against exact attention on the same windows, and against ``static_layer``; ``labels``
-    gives the windows' text groups (see :func:`headroom`)."""
+    against exact attention on the same windows, and against ``static_layer``; ``groups``
+    as for :func:`headroom`."""
+
+    def labels(windows: pd.Index) -> np.ndarray | None:
+        return text_labels(groups, windows)
+
     scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
     row = {}
     if scored.any():
