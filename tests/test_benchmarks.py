@@ -18,7 +18,7 @@ from drrl_env.methods.base import CallShape, Setting
 from tests.test_experiments_scripts import run_script
 
 KERNELS = ["calibrated:8:1:fast", "topk:8:0.5:fast", "topk:8:0.5:reference"]
-KERNELS += ["topp:8:0.5:fast", "topp:8:0.5:reference"]
+KERNELS += ["topp:8:0.5:fast", "topp:8:0.5:reference", "full:16:1:fused"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def test_kernel_flops_writes_every_length_and_kernel(tmp_path, cache):
     assert (table.loc[table["kernel"] == "sdpa", "time_vs_sdpa"] == 1).all()
     assert (table.loc[table["kernel"].isin(["sdpa", "full"]), "flops_vs_full"] == 1).all()
     assert (table["time_ms"] > 0).all()
+    flex = table[(table["kernel"] == "full") & (table["path"] == "fused")]
+    assert len(flex) == 2 and (flex["flops_vs_full"] == 1).all()  # exact, in the fused kernel
+    assert flex["cos_vs_full"].to_numpy() == pytest.approx(1.0, abs=1e-6)
     for length in (64, 128):
         topk = table[(table["kernel"] == "topk") & (table["L"] == length)]
         fast, reference = topk.set_index("path")["cos_vs_full"][["fast", "reference"]]
