@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import gymnasium as gym
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -48,7 +49,7 @@ from agents.factory import ALGOS, POLICIES, make_agent, save_agent
 from drrl_env.inspect import env_config
 from drrl_env.methods import method_names
 from drrl_env.rewards import RewardWeights
-from harness.reporting import pareto_plot, summary_table, write_markdown
+from harness.reporting import pareto_plot, summary_table, window_groups, write_markdown
 from harness.runs import (
     ArgumentError,
     RowLog,
@@ -633,11 +634,13 @@ def run(args: Args, folder: RunFolder, entries: list[Entry]) -> Path:
         for method, live in lives.items():
             refs = [e.baseline for e in todo if e.method == method and e.trial is None]
             run_baselines(args, method, live, refs, log, run_dir, progress)
+    first = next(iter(lives.values()))  # every method reads the same windows of env_id
+    groups = window_groups(first, max(n_windows.values()))
     for live in lives.values():
         live.close()
     per_window = log.sorted_by([entry.key for entry in entries])
     log.rewrite(per_window)
-    write_tables(run_dir, per_window)
+    write_tables(run_dir, per_window, groups)
     wall_s = time.perf_counter() - start
     folder.update_config(wall_s=wall_s, threads=torch.get_num_threads(), executor=args.executor)
     console.print((run_dir / "table.md").read_text())
@@ -697,10 +700,12 @@ def run_baselines(
         progress.advance(bar)
 
 
-def write_tables(run_dir: Path, per_window: pd.DataFrame) -> None:
+def write_tables(run_dir: Path, per_window: pd.DataFrame, groups: np.ndarray | None = None) -> None:
     """``summary.csv``, ``table.md`` and ``pareto.png`` from the per-window rows, and
-    ``learning_curves.png`` from the curves of the trials among them (``curves/*.csv``)."""
-    summary = summary_table(per_window)
+    ``learning_curves.png`` from the curves of the trials among them (``curves/*.csv``).
+    ``groups``: each window's text group (:func:`harness.reporting.window_groups`), resampled
+    together by the intervals; None: every window apart."""
+    summary = summary_table(per_window, groups)
     summary.to_csv(run_dir / "summary.csv", index=False)
     write_markdown(summary, run_dir / "table.md")
     pareto_plot(summary, run_dir / "pareto.png")

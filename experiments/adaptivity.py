@@ -69,11 +69,17 @@ from agents.allocations import (
     random_search,
     static_per_layer,
 )
-from drrl_env.data import corpus_names, resolve_source
+from drrl_env.data import corpus_names
 from drrl_env.data.kinds.mix import MIX_KINDS
 from drrl_env.data.sources import DEFAULT_CORPUS
 from drrl_env.replay import replay
-from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
+from harness.reporting import (
+    markdown_from_frame,
+    pyplot,
+    save_figure,
+    table_columns,
+    window_groups,
+)
 from harness.runs import (
     RESULT_FREE,
     ArgumentError,
@@ -85,7 +91,7 @@ from harness.runs import (
     registered_id,
     run_main,
 )
-from harness.statistics import mean_interval, paired_difference
+from harness.statistics import mean_interval, paired_difference, window_labels
 
 POLICIES = (
     "uniform",
@@ -211,14 +217,6 @@ def window_kinds(env: gym.Env, n_windows: int) -> np.ndarray:
     return np.array([corpus] * n_windows)
 
 
-def window_groups(env: gym.Env, n_windows: int) -> np.ndarray:
-    """Each window's text group: windows that share text (a mix's passkey and its filler
-    prose, the needles of one filler window) are resampled together by the intervals."""
-    config = env.unwrapped.config
-    source = resolve_source(config.corpus, config.data_path, config.text_field)
-    return source.text_groups(n_windows)
-
-
 def rule_candidates(env: gym.Env, rank: int) -> np.ndarray:
     """Actions at ``rank`` ordered by increasing mass target (the global top-p rule)."""
     grid = env.unwrapped.actions
@@ -277,7 +275,7 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
     """
 
     def labels(windows: pd.Index) -> np.ndarray | None:
-        return text_labels(groups, windows)
+        return window_labels(groups, windows)
 
     table = []
     for (kind, budget), group in rows.groupby(["kind", "budget"], sort=False, observed=True):
@@ -308,11 +306,6 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
     return pd.DataFrame(table)
 
 
-def text_labels(groups: np.ndarray | None, windows: pd.Index) -> np.ndarray | None:
-    """The text groups of ``windows`` (None: every window apart)."""
-    return None if groups is None else groups[np.asarray(windows, dtype=np.int64)]
-
-
 def retrieval_differences(
     part: pd.DataFrame,
     reference: pd.DataFrame,
@@ -324,7 +317,7 @@ def retrieval_differences(
     as for :func:`headroom`."""
 
     def labels(windows: pd.Index) -> np.ndarray | None:
-        return text_labels(groups, windows)
+        return window_labels(groups, windows)
 
     scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
     row = {}

@@ -55,7 +55,13 @@ from agents.allocations import Problem, measurements, per_window_optimum, static
 from agents.curves import LearningCurveCallback, plot_curves, read_curves
 from agents.evaluation import actor
 from drrl_env.episodes import play_episode
-from harness.reporting import markdown_from_frame, pyplot, save_figure, table_columns
+from harness.reporting import (
+    markdown_from_frame,
+    pyplot,
+    save_figure,
+    table_columns,
+    window_groups,
+)
 from harness.runs import (
     RESULT_FREE,
     ArgumentError,
@@ -67,7 +73,7 @@ from harness.runs import (
     run_main,
     write_atomic,
 )
-from harness.statistics import iqm_interval, mean_interval, paired_difference
+from harness.statistics import iqm_interval, mean_interval, paired_difference, window_labels
 
 REFERENCE = "static_layer"
 SOFT_BUDGET_LEARNERS = ("lagrangian_ppo",)
@@ -149,14 +155,19 @@ class Args(RunArgs):
         }
 
 
-def fitted_tables(train: gym.Env, evaluation: gym.Env, budget: float) -> dict:
-    """The schedules: ``{policy: {window: (S, L) actions}}`` for every eval window."""
+def fitted_tables(args: Args, budget: float) -> dict:
+    """The schedules of :data:`TABLES`: ``{policy: {window: (S, L) actions}}`` for every
+    eval window, from the cached train and eval windows (built first if missing)."""
+    train = gym.make(args.env_id, **args.env_kwargs("train", budget))
+    evaluation = gym.make(args.env_id, **args.env_kwargs("eval", budget))
     values, costs = measurements(train)
     eval_values, eval_costs = measurements(evaluation)
     problem = Problem(values, costs, budget)
     layer = static_per_layer(problem)
     cell = per_window_optimum(values.mean(axis=0), costs.mean(axis=0), budget)
     windows = range(len(eval_values))
+    train.close()
+    evaluation.close()
     return {
         "static_layer": {w: layer for w in windows},
         "static_cell": {w: cell for w in windows},
@@ -230,11 +241,16 @@ def episode_row(trace) -> dict:
     }
 
 
-def frontier(rows: pd.DataFrame) -> pd.DataFrame:
+def frontier(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFrame:
     """Per (budget, policy): metric means with intervals and KL paired against the static
     allocation (learned agents: IQM over seeds, seeds averaged per window for the pair), and
     for learned agents against ``static_cell`` too, the best constant schedule: a learner
-    below it adapts to its input, not only to the position of a cell."""
+    below it adapts to its input, not only to the position of a cell.
+
+    ``groups`` (one label per window index, :func:`harness.reporting.window_groups`):
+    windows that share text are resampled together by the intervals over windows (the IQM's
+    stratified bootstrap resamples seeds within each window); None: every window apart.
+    """
     table = []
     for budget, group in rows.groupby("budget", sort=False):
         reference = group[group["policy"] == REFERENCE].set_index("window")["mean_kl"]
@@ -253,16 +269,24 @@ def frontier(rows: pd.DataFrame) -> pd.DataFrame:
                     matrix = part.pivot(index="seed", columns="window", values=metric)
                     interval = iqm_interval(matrix.to_numpy())
                 else:
-                    interval = mean_interval(values)
+                    interval = mean_interval(values, groups=window_labels(groups, values.index))
                 row[metric] = interval.format(scientific=scientific)
                 row[f"{metric}_mean"] = interval.estimate
             shared = per_window.index.intersection(reference.index)
             if policy != REFERENCE and len(shared):
-                diff = paired_difference(per_window.loc[shared, "mean_kl"], reference.loc[shared])
+                diff = paired_difference(
+                    per_window.loc[shared, "mean_kl"],
+                    reference.loc[shared],
+                    groups=window_labels(groups, shared),
+                )
                 row.update(diff.columns("kl_vs_static", scientific=True))
             shared = per_window.index.intersection(constant.index)
             if policy not in TABLES and len(shared):  # a learner against the best constant
-                diff = paired_difference(per_window.loc[shared, "mean_kl"], constant.loc[shared])
+                diff = paired_difference(
+                    per_window.loc[shared, "mean_kl"],
+                    constant.loc[shared],
+                    groups=window_labels(groups, shared),
+                )
                 row["kl_vs_cell"] = diff.format(scientific=True)
                 row["verdict_vs_cell"] = diff.verdict("lower KL", "higher KL")
             table.append(row)
@@ -298,18 +322,14 @@ def main(args: Args) -> Path:
     folder.prepare(asdict(args), torch=torch.__version__)
     log = RowLog(folder.path / "episodes.csv", KEY)
     done = log.keys()
+    groups = None
     for budget in args.budgets:
-        train = gym.make(args.env_id, **args.env_kwargs("train", budget))
-        evaluation = gym.make(args.env_id, **args.env_kwargs("eval", budget))
         live = gym.make(args.env_id, **args.env_kwargs("eval", budget, "live"))
-        plans: list[tuple[str, int, object]] = []  # (policy, seed, chooser or tables)
-        tables = fitted_tables(train, evaluation, budget)
-        for policy, schedules in tables.items():
-            plans.append((policy, 0, schedules))
-        for algo in args.agents:
-            for seed in range(args.seeds):
-                plans.append((algo, seed, (algo, seed)))
         windows = range(live.unwrapped.n_windows)
+        if groups is None:
+            groups = window_groups(live, len(windows))
+        plans = [(policy, 0, policy) for policy in TABLES]  # (policy, seed, how)
+        plans += [(algo, seed, (algo, seed)) for algo in args.agents for seed in range(args.seeds)]
         todo = [
             (policy, seed, how, window)
             for policy, seed, how in plans
@@ -317,25 +337,33 @@ def main(args: Args) -> Path:
             if log.key_of({"budget": budget, "policy": policy, "seed": seed, "window": window})
             not in done
         ]
-        # an agent is loaded or trained only for episodes still to play or a missing curve:
-        # committed results hold no models/ and resume without training again
-        models = {
-            (algo, seed): trained_agent(args, folder.path, algo, seed, budget, tables)
+        # an agent is loaded or trained only for episodes still to play or a missing curve,
+        # and the schedules are fitted (the rollout caches built) only for them or for
+        # episodes of a fitted policy still to play: committed results hold no models/ and
+        # rebuild their tables without training or caching again
+        learners = [
+            (algo, seed)
             for algo in args.agents
             for seed in range(args.seeds)
             if any(how == (algo, seed) for _, _, how, _ in todo)
             or not agent_files(folder.path, algo, budget, seed)[1].is_file()
+        ]
+        fitting = learners or any(policy in TABLES for policy, *_ in todo)
+        tables = fitted_tables(args, budget) if fitting else {}
+        models = {
+            (algo, seed): trained_agent(args, folder.path, algo, seed, budget, tables)
+            for algo, seed in learners
         }
         todo.sort(key=lambda item: item[3])  # window by window: its exact reference runs once
         for policy, seed, how, window in tqdm(todo, desc=f"budget {budget:g}", unit="ep"):
-            choose = how[window] if isinstance(how, dict) else actor(models[how])
+            choose = tables[how][window] if how in tables else actor(models[how])
             trace = play_episode(live, choose, window)
             row = {"budget": budget, "policy": policy, "seed": seed, "window": window}
             log.append(pd.DataFrame([{**row, **episode_row(trace)}]))
         live.close()
     rows = log.read()
     rows = rows[rows["budget"].isin(args.budgets)]
-    table = frontier(rows)
+    table = frontier(rows, groups)
     table.to_csv(folder.path / "frontier.csv", index=False)
     written = pd.read_csv(folder.path / "frontier.csv")
     (folder.path / "frontier.md").write_text(markdown_from_frame(written, COLUMNS_MD))

@@ -71,10 +71,25 @@ def _per_seed(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+def window_groups(env, n_windows: int) -> np.ndarray:
+    """The text group of each of ``env``'s first ``n_windows`` windows (its corpus's
+    :meth:`~drrl_env.data.sources.Source.text_groups`): windows that share text (a mix's
+    passkey window and the prose it is written into, the needles of one filler window) are
+    resampled together by the intervals."""
+    from drrl_env.data import resolve_source
+
+    config = env.unwrapped.config
+    return resolve_source(config.corpus, config.data_path, config.text_field).text_groups(n_windows)
+
+
+def quality_table(
+    frame: pd.DataFrame, reference: str | None = None, groups: np.ndarray | None = None
+) -> pd.DataFrame:
     """Per (method, policy, kind): live quality with 95 % bootstrap intervals over windows.
 
-    Each window's value is its mean over seeds. Columns: ``mean_kl``, ``top1_agreement``
+    Each window's value is its mean over seeds. ``groups`` (one label per window index,
+    :func:`window_groups`) resamples windows that share text together; None: every window
+    apart. Columns: ``mean_kl``, ``top1_agreement``
     and ``retrieval_accuracy`` (windows that expect an answer; ``retrieval_windows`` counts
     them), each with ``_low``/``_high``; and, when ``reference`` (default: the first of
     :data:`REFERENCE_POLICIES` among the method's policies) is present, the mean paired
@@ -82,7 +97,7 @@ def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataF
     and its ``verdict`` ("lower KL", "higher KL" or "no difference"). NaN where the rows hold
     no live measurement (cached evaluation, or runs from before it existed).
     """
-    from harness.statistics import mean_interval, paired_difference
+    from harness.statistics import mean_interval, paired_difference, window_labels
 
     keys = ["method", "policy", "kind"]
     present = [column for column in QUALITY.values() if column in frame]
@@ -97,7 +112,8 @@ def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataF
             row: dict = {"method": method, "policy": policy, "kind": kind}
             for name, column in QUALITY.items():
                 values = group[column].dropna() if column in group else pd.Series(dtype=float)
-                interval = mean_interval(values) if len(values) else None
+                labels = window_labels(groups, group.loc[values.index, "window"])
+                interval = mean_interval(values, groups=labels) if len(values) else None
                 row[name] = interval.estimate if interval else np.nan
                 row[f"{name}_low"] = interval.low if interval else np.nan
                 row[f"{name}_high"] = interval.high if interval else np.nan
@@ -110,7 +126,11 @@ def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataF
                 own = group.set_index("window")["mean_kl"].dropna()
                 shared = own.index.intersection(base["mean_kl"].dropna().index)
                 if len(shared):
-                    diff = paired_difference(own[shared], base.loc[shared, "mean_kl"])
+                    diff = paired_difference(
+                        own[shared],
+                        base.loc[shared, "mean_kl"],
+                        groups=window_labels(groups, shared),
+                    )
                     row.update(
                         kl_vs_reference=diff.estimate,
                         kl_vs_reference_low=diff.low,
@@ -121,9 +141,9 @@ def quality_table(frame: pd.DataFrame, reference: str | None = None) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+def summary_table(frame: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFrame:
     """Per (method, policy): means and standard deviations over seeds, and the live quality
-    with intervals over windows (:func:`quality_table`)."""
+    with intervals over windows (:func:`quality_table`; ``groups`` as there)."""
     seeds = _per_seed(frame)
     seeds["delta_ppl_pct"] = 100 * (seeds["perplexity"] / seeds["perplexity_full"] - 1)
     seeds["flops_reduction_pct"] = 100 * seeds["flops_reduction"]
@@ -144,7 +164,9 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = mean.join(std.add_suffix("_std")).reset_index()
     table["seeds"] = grouped.size().to_numpy()
     table["windows"] = table["windows"].astype(int)
-    table = table.merge(quality_table(frame), on=["method", "policy", "kind"], how="left")
+    table = table.merge(
+        quality_table(frame, groups=groups), on=["method", "policy", "kind"], how="left"
+    )
     return table[list(SUMMARY_COLUMNS)]
 
 

@@ -179,6 +179,24 @@ def paired_difference(
     return mean_interval(first - second, confidence, n_resamples, seed, groups)
 
 
+def window_labels(groups: np.ndarray | None, windows: Sequence[int]) -> np.ndarray | None:
+    """The labels of ``windows`` in ``groups`` (one label per window index, as
+    :meth:`drrl_env.data.sources.Source.text_groups` gives them), for the ``groups`` argument
+    of :func:`mean_interval` and :func:`paired_difference`; None when ``groups`` is None
+    (every window apart).
+
+    Raises:
+        ValueError: A window outside ``groups``.
+    """
+    if groups is None:
+        return None
+    index = np.asarray(windows, dtype=np.int64)
+    labels = np.asarray(groups)
+    if index.size and (index.min() < 0 or index.max() >= labels.size):
+        raise ValueError(f"windows {index.tolist()} are not all among the {labels.size} labelled")
+    return labels[index]
+
+
 def iqm(values: Sequence[float] | np.ndarray) -> float:
     """Interquartile mean: the mean of the middle 50 % (``scipy.stats.trim_mean(x, 0.25)``)."""
     return float(stats.trim_mean(np.asarray(values, dtype=np.float64).ravel(), 0.25))

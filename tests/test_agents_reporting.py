@@ -201,3 +201,34 @@ def test_quality_table_pairs_windows_against_the_reference():
     assert "| token KL | top-1 | retrieval | KL − reference | verdict |" in text
     assert "higher KL" in text and "(vs static_allocation)" in text
     assert "token KL" not in markdown_table(summary.assign(mean_kl=np.nan))
+
+
+def test_quality_table_resamples_windows_that_share_text_together():
+    # windows 2k and 2k + 1 share their text (here: identical values): grouped, the table's
+    # intervals are those of the 4 distinct windows, not the narrower ones of 8 "independent"
+    from harness.reporting import quality_table
+
+    rng = np.random.default_rng(3)
+    hard, extra = rng.uniform(0.001, 0.05, size=4), rng.normal(0.002, 0.003, size=4)
+
+    def frame(copies: int) -> pd.DataFrame:
+        rows = [
+            {"method": "topp", "policy": policy, "kind": "rl", "seed": 0, "window": w,
+             "mean_kl": hard[w // copies] + shift[w // copies], "top1_agreement": 0.9}
+            for policy, shift in (("static_allocation", np.zeros(4)), ("ppo_mlp", extra))
+            for w in range(4 * copies)
+        ]  # fmt: skip
+        return pd.DataFrame(rows)
+
+    columns = ["mean_kl", "mean_kl_low", "mean_kl_high", "kl_vs_reference_low"]
+    distinct = quality_table(frame(1)).set_index("policy")[columns]
+    paired = quality_table(frame(2), groups=np.arange(8) // 2).set_index("policy")[columns]
+    naive = quality_table(frame(2)).set_index("policy")[columns]
+    pd.testing.assert_frame_equal(paired, distinct)
+
+    def width(table: pd.DataFrame) -> pd.Series:
+        return table["mean_kl_high"] - table["mean_kl_low"]
+
+    assert (width(naive) < width(paired)).all()
+    with pytest.raises(ValueError, match="not all among the 4 labelled"):
+        quality_table(frame(2), groups=np.arange(4))

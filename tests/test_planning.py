@@ -220,16 +220,59 @@ def test_planning_script_writes_the_frontier_and_resumes(tmp_path, cache_root, m
     planning.main(planning.Args(**{**args.__dict__, "resume": True}))
     pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
     pd.testing.assert_frame_equal(pd.read_csv(curves[0]), curve)
-    # committed results hold no models/: a finished budget resumes without training
+    # committed results hold no models/: a finished budget resumes without training, and
+    # without the rollout caches (its tables come from episodes.csv alone)
     shutil.rmtree(folder / "models")
+    frontier = pd.read_csv(folder / "frontier.csv")
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(empty))
     planning.main(planning.Args(**{**args.__dict__, "resume": True}))
-    assert not (folder / "models").exists()
+    assert not (folder / "models").exists() and not (empty / "rollouts").exists()
     pd.testing.assert_frame_equal(pd.read_csv(folder / "episodes.csv"), before)
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "frontier.csv"), frontier)
+    monkeypatch.setenv("DRRL_CACHE_DIR", cache_root)
     # another budget on resume: its rows are added, the tables show the budgets named
     planning.main(planning.Args(**{**args.__dict__, "resume": True, "budgets": (0.5,)}))
     rows = pd.read_csv(folder / "episodes.csv")
     assert sorted(rows["budget"].unique()) == [0.5, 0.6] and len(rows) == 2 * len(before)
     assert set(pd.read_csv(folder / "frontier.csv")["budget"]) == {0.5}
+
+
+def test_planning_frontier_resamples_windows_that_share_text_together():
+    import pandas as pd
+
+    planning = load_script("experiments/planning.py")
+    rng = np.random.default_rng(4)
+    kl = rng.uniform(0.01, 0.05, size=4)
+    rows = pd.DataFrame(
+        [
+            {
+                "budget": 0.6,
+                "policy": policy,
+                "seed": 0,
+                "window": window,
+                "mean_kl": value,
+                **dict(top1_agreement=0.9, delta_ppl_pct=1.0, retrieval_correct=np.nan),
+                **dict(flops_ratio=0.6, masked_actions=0),
+            }
+            for policy, shift in (("static_layer", 0.0), ("static_cell", 0.004))
+            for window in range(8)
+            for value in [kl[window // 2] + shift * (1 + window // 2) + 1e-3 * (window % 2)]
+        ]
+    )
+    naive = planning.frontier(rows).set_index("policy")
+    apart = planning.frontier(rows, groups=np.arange(8)).set_index("policy")
+    pd.testing.assert_frame_equal(naive, apart)  # distinct labels: the plain bootstrap
+    paired = planning.frontier(rows, groups=np.arange(8) // 2).set_index("policy")
+    width = paired["kl_vs_static_high"] - paired["kl_vs_static_low"]
+    assert (
+        width["static_cell"]
+        > (naive["kl_vs_static_high"] - naive["kl_vs_static_low"])["static_cell"]
+    )
+    assert (
+        paired.loc["static_cell", "kl_vs_static_mean"]
+        == naive.loc["static_cell", "kl_vs_static_mean"]
+    )
 
 
 @pytest.mark.parametrize(
