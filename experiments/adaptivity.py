@@ -274,9 +274,6 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
     together (:func:`harness.statistics.mean_interval`); None: every window apart.
     """
 
-    def labels(windows: pd.Index) -> np.ndarray | None:
-        return window_labels(groups, windows)
-
     table = []
     for (kind, budget), group in rows.groupby(["kind", "budget"], sort=False, observed=True):
         reference = group[group["policy"] == REFERENCE].set_index("window")
@@ -286,7 +283,7 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
             for metric in METRICS:
                 values = part[metric].dropna()
                 row[metric] = (
-                    mean_interval(values, groups=labels(values.index)).format(
+                    mean_interval(values, groups=window_labels(groups, values.index)).format(
                         scientific=metric == "mean_kl"
                     )
                     if len(values)
@@ -298,7 +295,7 @@ def headroom(rows: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFra
                 diff = paired_difference(
                     part.loc[shared, "mean_kl"],
                     reference.loc[shared, "mean_kl"],
-                    groups=labels(shared),
+                    groups=window_labels(groups, shared),
                 )
                 row.update(diff.columns("kl_vs_static", scientific=True))
             row.update(retrieval_differences(part, reference, policy, groups))
@@ -316,15 +313,14 @@ def retrieval_differences(
     against exact attention on the same windows, and against ``static_layer``; ``groups``
     as for :func:`headroom`."""
 
-    def labels(windows: pd.Index) -> np.ndarray | None:
-        return window_labels(groups, windows)
-
     scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
     row = {}
     if scored.any():
         answered = part.loc[scored, "retrieval_correct"]
         exact = paired_difference(
-            answered, part.loc[scored, "retrieval_correct_full"], groups=labels(answered.index)
+            answered,
+            part.loc[scored, "retrieval_correct_full"],
+            groups=window_labels(groups, answered.index),
         )
         row["retrieval_vs_exact"] = exact.format()
         shared = answered.index.intersection(reference.index)
@@ -332,7 +328,7 @@ def retrieval_differences(
             static = paired_difference(
                 answered.loc[shared],
                 reference.loc[shared, "retrieval_correct"],
-                groups=labels(shared),
+                groups=window_labels(groups, shared),
             )
             row["retrieval_vs_static"] = static.format()
     return row
