@@ -312,7 +312,6 @@ def retrieval_differences(
     """Paired differences of retrieval accuracy over the passkey windows (indexed by window):
     against exact attention on the same windows, and against ``static_layer``; ``groups``
     as for :func:`headroom`."""
-
     scored = part["retrieval_correct"].notna() & part["retrieval_correct_full"].notna()
     row = {}
     if scored.any():
